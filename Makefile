@@ -1,0 +1,44 @@
+# Two commands for users: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench proto proto-check lint typecheck clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m control_server.demo
+
+test: $(STAMP) proto-check lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m control_server.bench
+
+# Regenerate the committed API code from proto/ (pinned grpcio-tools in [dev]).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Itrainer_client/api=proto/trainingcontrol/v1 \
+		--python_out=. --grpc_python_out=. --pyi_out=. trainer_client/api/control.proto
+
+# Fails when the committed generated code is out of step with proto/.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && mkdir -p $$tmp/trainer_client/api && \
+	$(PY) -m grpc_tools.protoc -Itrainer_client/api=proto/trainingcontrol/v1 \
+		--python_out=$$tmp --grpc_python_out=$$tmp --pyi_out=$$tmp trainer_client/api/control.proto && \
+	for f in control_pb2.py control_pb2.pyi control_pb2_grpc.py; do \
+		diff -q $$tmp/trainer_client/api/$$f trainer_client/api/$$f >/dev/null || \
+		{ echo "proto-check: trainer_client/api/$$f is out of step with proto/; run 'make proto'"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "proto-check: generated code matches proto/"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy control_server trainer_client
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
