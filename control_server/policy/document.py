@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -101,7 +101,9 @@ class PolicyDoc:
         interventions = data["interventions"]
         for key in ("grad_norm_edges", "lr_scales", "damping"):
             interventions[key] = list(interventions[key])
-        interventions["random_mixes"] = [dict(sorted(m.items())) for m in self.interventions.random_mixes]
+        interventions["random_mixes"] = [
+            dict(sorted(m.items())) for m in self.interventions.random_mixes
+        ]
         interventions["final_mix"] = dict(sorted(self.interventions.final_mix.items()))
         return data
 
@@ -127,7 +129,9 @@ def parse_policy(data: Any) -> PolicyDoc:
     unknown = set(data) - {"name", "description", *_SECTIONS}
     if unknown:
         name = sorted(str(k) for k in unknown)[0]
-        raise PolicyError(name, f"unknown key; expected one of name, description, {', '.join(_SECTIONS)}")
+        raise PolicyError(
+            name, f"unknown key; expected one of name, description, {', '.join(_SECTIONS)}"
+        )
     name = data.get("name", "default")
     if not isinstance(name, str) or not name.strip():
         raise PolicyError("name", f"must be a non-empty string, but got {name!r}")
@@ -170,14 +174,24 @@ def _require_mapping(value: Any, where: str) -> None:
 
 def _check_keys(data: Mapping[str, Any], cls: type, section: str) -> None:
     _require_mapping(data, section)
-    allowed = set(cls.__dataclass_fields__)
+    allowed = {f.name for f in fields(cls)}
     for key in data:
         if key not in allowed:
-            raise PolicyError(f"{section}.{key}", f"unknown key; expected one of {', '.join(sorted(allowed))}")
+            raise PolicyError(
+                f"{section}.{key}", f"unknown key; expected one of {', '.join(sorted(allowed))}"
+            )
 
 
-def _number(data: Mapping[str, Any], key: str, section: str, default: float, *, lo: float | None = None,
-            hi: float | None = None, lo_open: bool = False) -> float:
+def _number(
+    data: Mapping[str, Any],
+    key: str,
+    section: str,
+    default: float,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> float:
     value = data.get(key, default)
     where = f"{section}.{key}"
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -186,8 +200,15 @@ def _number(data: Mapping[str, Any], key: str, section: str, default: float, *, 
     return float(value)
 
 
-def _integer(data: Mapping[str, Any], key: str, section: str, default: int, *, lo: int = 0,
-             hi: int | None = None) -> int:
+def _integer(
+    data: Mapping[str, Any],
+    key: str,
+    section: str,
+    default: int,
+    *,
+    lo: int = 0,
+    hi: int | None = None,
+) -> int:
     value = data.get(key, default)
     where = f"{section}.{key}"
     if isinstance(value, bool) or not isinstance(value, int):
@@ -203,10 +224,14 @@ def _range(value: float, where: str, lo: float | None, hi: float | None, lo_open
         raise PolicyError(where, f"must be <= {hi}, but got {value}")
 
 
-def _choice(data: Mapping[str, Any], key: str, section: str, default: str, options: tuple[str, ...]) -> str:
+def _choice(
+    data: Mapping[str, Any], key: str, section: str, default: str, options: tuple[str, ...]
+) -> str:
     value = data.get(key, default)
     if value not in options:
-        raise PolicyError(f"{section}.{key}", f"must be one of {', '.join(options)}, but got {value!r}")
+        raise PolicyError(
+            f"{section}.{key}", f"must be one of {', '.join(options)}, but got {value!r}"
+        )
     return str(value)
 
 
@@ -214,7 +239,9 @@ def _plateau(data: Mapping[str, Any]) -> PlateauConfig:
     s, d = "plateau", PlateauConfig()
     _check_keys(data, PlateauConfig, s)
     ema = data.get("ema_alpha")
-    ema_alpha = None if ema is None else _number(data, "ema_alpha", s, 0.0, lo=0.0, hi=1.0, lo_open=True)
+    ema_alpha = (
+        None if ema is None else _number(data, "ema_alpha", s, 0.0, lo=0.0, hi=1.0, lo_open=True)
+    )
     return PlateauConfig(
         monitor=_choice(data, "monitor", s, d.monitor, ("val_loss", "train_loss")),
         mode=_choice(data, "mode", s, d.mode, ("min", "max")),
@@ -229,23 +256,38 @@ def _plateau(data: Mapping[str, Any]) -> PlateauConfig:
 
 def _weight_mix(value: Any, where: str) -> dict[str, float]:
     if not isinstance(value, Mapping) or not value:
-        raise PolicyError(where, f"must be a non-empty mapping of loss component to weight, but got {value!r}")
+        raise PolicyError(
+            where, f"must be a non-empty mapping of loss component to weight, but got {value!r}"
+        )
     mix: dict[str, float] = {}
-    for component, weight in value.items():
+    for component in value:
         if component not in LOSS_COMPONENTS:
-            raise PolicyError(f"{where}.{component}",
-                              f"unknown loss component; expected one of {', '.join(LOSS_COMPONENTS)}")
+            raise PolicyError(
+                f"{where}.{component}",
+                f"unknown loss component; expected one of {', '.join(LOSS_COMPONENTS)}",
+            )
         mix[component] = _number(value, component, where, 0.0, lo=0.0)
     if sum(mix.values()) <= 0:
         raise PolicyError(where, "weights must not all be 0")
     return dict(sorted(mix.items()))
 
 
-def _float_list(data: Mapping[str, Any], key: str, section: str, default: tuple[float, ...],
-                length: int | None, lo: float, lo_open: bool) -> tuple[float, ...]:
+def _float_list(
+    data: Mapping[str, Any],
+    key: str,
+    section: str,
+    default: tuple[float, ...],
+    length: int | None,
+    lo: float,
+    lo_open: bool,
+) -> tuple[float, ...]:
     value = data.get(key, list(default))
     where = f"{section}.{key}"
-    if not isinstance(value, list | tuple) or (length is not None and len(value) != length) or not value:
+    if (
+        not isinstance(value, list | tuple)
+        or (length is not None and len(value) != length)
+        or not value
+    ):
         want = f"a list of {length} numbers" if length else "a non-empty list of numbers"
         raise PolicyError(where, f"must be {want}, but got {value!r}")
     return tuple(_number({key: v}, key, section, 0.0, lo=lo, lo_open=lo_open) for v in value)
@@ -256,7 +298,9 @@ def _interventions(data: Mapping[str, Any]) -> InterventionConfig:
     _check_keys(data, InterventionConfig, s)
     edges = _float_list(data, "grad_norm_edges", s, d.grad_norm_edges, 3, 0.0, False)
     if not edges[0] < edges[1] < edges[2]:
-        raise PolicyError(f"{s}.grad_norm_edges", f"must be strictly increasing, but got {list(edges)}")
+        raise PolicyError(
+            f"{s}.grad_norm_edges", f"must be strictly increasing, but got {list(edges)}"
+        )
     scales = _float_list(data, "lr_scales", s, d.lr_scales, 4, 0.0, True)
     damping = _float_list(data, "damping", s, d.damping, None, 0.0, True)
     max_lr = data.get("max_lr")
@@ -264,7 +308,9 @@ def _interventions(data: Mapping[str, Any]) -> InterventionConfig:
         max_lr = _number(data, "max_lr", s, 0.0, lo=0.0, lo_open=True)
     raw_mixes = data.get("random_mixes", list(d.random_mixes))
     if not isinstance(raw_mixes, list) or not raw_mixes:
-        raise PolicyError(f"{s}.random_mixes", f"must be a non-empty list of weight maps, but got {raw_mixes!r}")
+        raise PolicyError(
+            f"{s}.random_mixes", f"must be a non-empty list of weight maps, but got {raw_mixes!r}"
+        )
     mixes = tuple(_weight_mix(m, f"{s}.random_mixes[{i}]") for i, m in enumerate(raw_mixes))
     stop = data.get("stop_when_exhausted", d.stop_when_exhausted)
     if not isinstance(stop, bool):

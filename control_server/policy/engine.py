@@ -1,0 +1,165 @@
+"""The decision engine: a pure function of (policy, state, report, override).
+
+Precedence, highest first:
+1. safety: the divergence guard (ROLLBACK), then a non-finite loss (STOP/NONE);
+2. an override that sets the LR and/or the loss weights (INTERVENE, OVERRIDE);
+3. an override holding automatic interventions, when a plateau fires (NONE, OVERRIDE);
+4. the plateau rule: intervention k, or the spent budget (NONE or STOP);
+5. otherwise NONE with the counters' state.
+
+No I/O, no clock, no global or instance state: the only randomness is a
+`random.Random` seeded from (run_id, epoch, k, version), so any replica and
+any replay decides the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from control_server.domain import Action, Override, Report, Source, Verdict, frozen_map
+from control_server.policy import guard, plateau
+from control_server.policy._text import num, sentence
+from control_server.policy._text import weights as fmt_weights
+from control_server.policy.document import PolicyDoc
+from control_server.policy.scaling import plan_lr
+from control_server.policy.state import INITIAL_STATE, InterventionMark, PolicyState
+from control_server.policy.weights import plan_weights
+
+
+def step(
+    doc: PolicyDoc,
+    version: str,
+    state: PolicyState,
+    report: Report,
+    override: Override | None = None,
+) -> tuple[Verdict, PolicyState]:
+    """Pure: decide one report given the state after the previous report."""
+    cfg = doc.plateau
+    monitored = _monitored_name(cfg.monitor, report)
+    raw = report.monitored(cfg.monitor)
+    win = guard.window(doc.guard, state.mark, report)
+    state = replace(state, last_epoch=report.epoch, mark=win.mark)
+
+    if win.armed is not None:
+        rollback = guard.check(doc.guard, cfg.mode, win.armed, report, monitored, raw)
+        if rollback is not None:
+            # best stays: the rolled-back epoch's model is discarded, so its value
+            # (and its EMA contribution) is not part of the run's history.
+            after = replace(plateau.reset(cfg, state, cooldown=True), mark=None)
+            return rollback, after
+
+    if not report.losses_finite:
+        # A non-finite value never reaches best, EMA or the counters.
+        return _nonfinite(doc, report), state
+
+    obs = plateau.observe(cfg, state, raw, report.epoch)
+    name = plateau.metric_name(cfg, monitored)
+
+    if override is not None and (override.lr is not None or override.loss_weights):
+        after = plateau.reset(cfg, obs.state, cooldown=True) if obs.fires else obs.state
+        return _override_verdict(override, report, obs.fires), after
+
+    if not obs.fires:
+        reason = plateau.status_clause(cfg, name, obs, report.epoch)
+        # Reasons start with the metric's name as written ("val_loss ..."), uncapitalised.
+        return Verdict(Action.NONE, Source.POLICY, f"{reason}."), obs.state
+
+    detected = f"Plateau: {plateau.plateau_clause(cfg, name, obs)}"
+    if override is not None and override.hold_interventions:
+        why = sentence(override.reason)
+        held = f"{detected}, but automatic interventions are held by {override.actor}"
+        held += f": {why}." if why else "."
+        after = plateau.reset(cfg, obs.state, cooldown=True)
+        return Verdict(Action.NONE, Source.OVERRIDE, held), after
+
+    k = report.intervention_count + 1
+    budget = doc.interventions.max_interventions
+    if k > budget:
+        # Reset the count so a spent budget does not re-announce itself every epoch;
+        # nothing changed, so no cooldown.
+        after = plateau.reset(cfg, obs.state, cooldown=False)
+        if doc.interventions.stop_when_exhausted:
+            text = f"{detected}, and the budget of {budget} interventions is spent; stopping."
+            return Verdict(Action.STOP, Source.POLICY, text), after
+        text = (
+            f"{detected}, but the budget of {budget} interventions is spent; "
+            "no more automatic interventions."
+        )
+        return Verdict(Action.NONE, Source.POLICY, text), after
+
+    cfg_i = doc.interventions
+    lr = plan_lr(cfg_i, k, report.avg_gradient_norm, report.current_lr, report.initial_lr)
+    mix = plan_weights(cfg_i, k, report.run_id, report.epoch, version, report.loss_weights)
+    verdict = Verdict(
+        action=Action.INTERVENE,
+        source=Source.POLICY,
+        reason=f"{detected}; intervention {k} of {budget}: {lr.clause()}; {mix.clause()}.",
+        lr=lr.lr,
+        loss_weights=mix.weights,
+        intervention_index=k,
+    )
+    mark = InterventionMark(
+        epoch=report.epoch,
+        k=k,
+        value=raw,
+        lr_before=report.current_lr,
+        weights_before=frozen_map(report.loss_weights),
+    )
+    return verdict, replace(plateau.reset(cfg, obs.state, cooldown=True), mark=mark)
+
+
+def decide(
+    doc: PolicyDoc,
+    version: str,
+    reports: Sequence[Report],
+    override: Override | None = None,
+) -> Verdict:
+    """The verdict for the last report: fold step() over the earlier ones without
+    an override, then step the last one with `override`."""
+    if not reports:
+        raise ValueError("decide() needs at least one report, but got none.")
+    state = INITIAL_STATE
+    for report in reports[:-1]:
+        _, state = step(doc, version, state, report)
+    verdict, _ = step(doc, version, state, reports[-1], override)
+    return verdict
+
+
+def _monitored_name(monitor: str, report: Report) -> str:
+    if monitor == "val_loss" and report.val_loss is not None:
+        return "val_loss"
+    return "train_loss"
+
+
+def _nonfinite(doc: PolicyDoc, report: Report) -> Verdict:
+    losses = guard.losses(report)
+    if doc.guard.on_nonfinite == "stop":
+        text = f"Non-finite loss ({losses}) with no intervention to undo; stopping the run."
+        return Verdict(Action.STOP, Source.SAFETY, text)
+    text = (
+        f"Non-finite loss ({losses}) with no intervention to undo; "
+        "continuing because guard.on_nonfinite is none."
+    )
+    return Verdict(Action.NONE, Source.SAFETY, text)
+
+
+def _override_verdict(override: Override, report: Report, plateau_fired: bool) -> Verdict:
+    changes = []
+    if override.lr is not None:
+        changes.append(f"LR {num(report.current_lr)} -> {num(override.lr)}")
+    if override.loss_weights:
+        changes.append(f"weights {fmt_weights(override.loss_weights)}")
+    why = sentence(override.reason)
+    text = f"Override by {override.actor}" + (f" ({why})" if why else "")
+    text += ": " + " and ".join(changes)
+    if plateau_fired:
+        text += ", in place of the automatic intervention due now"
+    return Verdict(
+        action=Action.INTERVENE,
+        source=Source.OVERRIDE,
+        reason=text + ".",
+        lr=override.lr,
+        loss_weights=frozen_map(override.loss_weights),
+        intervention_index=0,
+    )
