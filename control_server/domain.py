@@ -57,7 +57,8 @@ class StoreUnavailable(DomainError):
 
 def frozen_map(values: Mapping[str, float] | None = None) -> Mapping[str, float]:
     """A read-only copy of a weight map, keys sorted so equal maps print alike."""
-    return MappingProxyType({k: float(values[k]) for k in sorted(values or {})})
+    values = values or {}
+    return MappingProxyType({k: float(values[k]) for k in sorted(values)})
 
 
 @dataclass(frozen=True)

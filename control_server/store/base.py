@@ -77,8 +77,9 @@ class Store(ABC):
         """Every run id, for replay."""
 
     @abstractmethod
-    def record_admin_event(self, actor: str, action: str, target: str, details: dict[str, Any],
-                           result: str) -> None:
+    def record_admin_event(
+        self, actor: str, action: str, target: str, details: dict[str, Any], result: str
+    ) -> None:
         """Append who did what to what, and how it ended."""
 
     @abstractmethod

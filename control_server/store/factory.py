@@ -1,0 +1,51 @@
+"""Pick and open a store backend by URL."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from control_server.store.base import Store
+from control_server.store.sqlite import SqliteStore
+
+logger = logging.getLogger(__name__)
+
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def open_store(url: str) -> Store:
+    """Open the store named by `url`.
+
+    ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` (as
+    SQLAlchemy spells them) open or create a SQLite file, creating its parent
+    directories. ``postgresql://user@host:port/db`` arrives with issue 5.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"store URL must look like scheme://..., but got {url!r}")
+    backend = scheme.split("+", 1)[0].lower()
+    if backend == "sqlite":
+        return SqliteStore(_sqlite_path(url, rest))
+    if backend in _POSTGRES_SCHEMES:
+        raise ValueError(f"PostgreSQL store arrives with issue 5 (URL scheme {scheme!r})")
+    raise ValueError(
+        f"unknown store URL scheme {scheme!r} in {url!r}; "
+        "expected sqlite:///path.db or postgresql://..."
+    )
+
+
+def _sqlite_path(url: str, rest: str) -> Path:
+    host, slash, path = rest.partition("/")
+    if host or not slash:
+        raise ValueError(
+            f"a SQLite URL has no host: sqlite:///relative.db or "
+            f"sqlite:////absolute.db, but got {url!r}"
+        )
+    if not path or path == ":memory:":
+        raise ValueError(f"a SQLite URL must name a file, but got {url!r}")
+    if "?" in path:
+        raise ValueError(f"SQLite URL parameters are not supported, but got {url!r}")
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    logger.debug("sqlite store at %s", file)
+    return file

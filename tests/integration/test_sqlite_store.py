@@ -1,0 +1,287 @@
+"""What only the SQLite backend does: files, migrations, pragmas, several openers."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from control_server.domain import Override, RunFilter, StoreUnavailable, frozen_map
+from control_server.store import SqliteStore, open_store
+from control_server.store.sqlite import MIGRATIONS
+from tests.integration.test_store_contract import T0, make_record
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "control.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SqliteStore]:
+    opened = SqliteStore(db)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def migrations(tmp_path: Path) -> Path:
+    """A private copy of the packaged migrations that a test may extend."""
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    for entry in MIGRATIONS.iterdir():
+        if entry.name.endswith(".sql"):
+            (folder / entry.name).write_text(entry.read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
+
+
+def _raw(db: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def test_migrations_ship_with_the_package() -> None:
+    assert MIGRATIONS.joinpath("0001_initial.sql").is_file()
+
+
+def test_pragmas(store: SqliteStore, db: Path) -> None:
+    conn = store._connection()
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
+    assert conn.execute("PRAGMA busy_timeout").fetchone() == (5000,)
+    assert _raw(db, "SELECT version, name FROM schema_version") == [(1, "0001_initial.sql")]
+
+
+def test_data_survives_close_and_reopen(db: Path) -> None:
+    first = open_store(f"sqlite:///{db}")
+    record = make_record("run-a", 7)
+    first.record_decisions([record])
+    first.close()
+
+    again = open_store(f"sqlite:///{db}")
+    try:
+        assert again.load_context("run-a", 7).existing == record.decision
+        assert again.schema_version() == 1
+    finally:
+        again.close()
+
+
+def test_a_newer_schema_is_refused(db: Path) -> None:
+    SqliteStore(db).close()
+    _raw(db, "INSERT INTO schema_version (version, name, applied_at) VALUES (2, 'x', 'now')")
+    with pytest.raises(StoreUnavailable, match=r"schema version 2 is newer .* knows \(1\)"):
+        SqliteStore(db)
+
+
+def test_a_second_migration_is_applied_once(db: Path, migrations: Path) -> None:
+    old = SqliteStore(db)
+    old.record_decisions([make_record("run-a", 0)])
+    old.close()
+    (migrations / "0002_run_notes.sql").write_text(
+        "-- a later change; semicolons in 'strings;' are fine\n"
+        "ALTER TABLE runs ADD COLUMN note TEXT NOT NULL DEFAULT 'a;b';\n"
+        "CREATE INDEX runs_by_note ON runs (note);\n",
+        encoding="utf-8",
+    )
+
+    for _ in range(2):
+        store = SqliteStore(db, migrations=migrations)
+        try:
+            assert store.schema_version() == 2
+            assert store.load_context("run-a", 0).existing is not None
+        finally:
+            store.close()
+    assert _raw(db, "SELECT note FROM runs") == [("a;b",)]
+    assert _raw(db, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    with pytest.raises(StoreUnavailable, match="newer"):
+        SqliteStore(db)  # the packaged code knows only 0001
+
+
+def test_a_failing_migration_changes_nothing(db: Path, migrations: Path) -> None:
+    SqliteStore(db).close()
+    (migrations / "0002_broken.sql").write_text(
+        "CREATE TABLE half_done (x INTEGER);\nALTER TABLE no_such_table ADD COLUMN y;\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(StoreUnavailable, match="no_such_table"):
+        SqliteStore(db, migrations=migrations)
+    assert _raw(db, "SELECT max(version) FROM schema_version") == [(1,)]
+    assert _raw(db, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
+
+
+def test_numbering_gaps_are_refused(db: Path, migrations: Path) -> None:
+    (migrations / "0003_skips_two.sql").write_text("SELECT 1;", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="without gaps"):
+        SqliteStore(db, migrations=migrations)
+
+
+def test_a_failing_batch_stores_nothing(store: SqliteStore) -> None:
+    stored = make_record("run-a", 0)
+    store.record_decisions([stored])
+    fresh = make_record("run-b", 0)
+    # Same decision_id for another (run, epoch): the primary key fails mid-batch.
+    clash = make_record("run-a", 1, decision_id=stored.decision.decision_id)
+
+    with pytest.raises(StoreUnavailable, match=r"UNIQUE constraint failed: decisions\.decision_id"):
+        store.record_decisions([fresh, clash])
+
+    assert store.run_ids() == ["run-a"]
+    assert store.load_context("run-b", 0).existing is None
+    run = store.get_run("run-a")
+    assert run is not None and run[0].report_count == 1
+    assert store.record_decisions([fresh]) == [fresh.decision]
+
+
+def test_a_read_only_database_refuses_the_whole_batch(store: SqliteStore) -> None:
+    conn = store._connection()  # this thread's connection is the writer here
+    conn.execute("PRAGMA query_only = ON")
+    batch = [make_record("run-a", 0), make_record("run-b", 0)]
+    with pytest.raises(StoreUnavailable, match="readonly"):
+        store.record_decisions(batch)
+    conn.execute("PRAGMA query_only = OFF")
+
+    assert store.run_ids() == []
+    assert conn.in_transaction is False
+    assert store.record_decisions(batch) == [r.decision for r in batch]
+
+
+def test_two_stores_on_one_file_see_each_other(db: Path) -> None:
+    a, b = SqliteStore(db), SqliteStore(db)
+    try:
+        first = make_record("run-a", 0)
+        a.record_decisions([first])
+        assert b.load_context("run-a", 0).existing == first.decision
+        # b's retry of the same epoch gets a's decision.
+        assert b.record_decisions([make_record("run-a", 0)]) == [first.decision]
+        b.record_decisions([make_record("run-a", 1, state="from b")])
+        assert a.load_context("run-a", 2).previous_state == "from b"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_concurrent_writers_on_one_file(db: Path) -> None:
+    stores = [SqliteStore(db) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def write(store: SqliteStore, run_id: str) -> None:
+        try:
+            for epoch in range(0, 40, 4):
+                store.record_decisions([make_record(run_id, epoch + i) for i in range(4)])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(stores[i % 2], f"run-{i}")) for i in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        assert sorted(stores[0].run_ids()) == [f"run-{i}" for i in range(4)]
+        assert [s.report_count for s in stores[1].list_runs(RunFilter())] == [40] * 4
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_the_active_override_is_the_latest_uncleared(store: SqliteStore, db: Path) -> None:
+    insert = (
+        "INSERT INTO overrides (run_id, actor, reason, lr, weights, hold, once, created_at, "
+        "cleared_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    at = "2025-03-04T05:06:07.123456+00:00"
+    _raw(db, insert, ("run-a", "alice", "old", 0.1, "{}", 0, 0, at, None))
+    _raw(
+        db, insert, ("run-a", "bob", "newest", None, '{"dice": 0.5, "focal": 0.5}', 1, 1, at, None)
+    )
+    _raw(db, insert, ("run-a", "carol", "cleared", 0.3, "{}", 0, 0, at, at))
+    _raw(db, insert, ("run-b", "dave", "other run", 0.2, "{}", 0, 0, at, None))
+
+    assert store.load_context("run-a", 3).override == Override(
+        run_id="run-a",
+        actor="bob",
+        reason="newest",
+        lr=None,
+        loss_weights=frozen_map({"dice": 0.5, "focal": 0.5}),
+        hold_interventions=True,
+        once=True,
+        created_at=T0,
+    )
+    assert store.load_context("run-c", 0).override is None
+
+
+def test_integrity_check_finds_dangling_rows(store: SqliteStore, db: Path) -> None:
+    store.check_integrity()
+    conn = sqlite3.connect(db)  # foreign keys are off by default on a plain connection
+    try:
+        with conn:
+            conn.execute(
+                "INSERT INTO active_policy (id, version, activated_at, actor) "
+                "VALUES (1, 'ghost', 'now', 'x')"
+            )
+    finally:
+        conn.close()
+    with pytest.raises(StoreUnavailable, match="dangling"):
+        store.check_integrity()
+
+
+def test_each_thread_has_its_own_connection_and_close_closes_all(store: SqliteStore) -> None:
+    store.record_decisions([make_record("run-a", 0)])
+    seen: list[object] = []
+
+    def read() -> None:
+        seen.append(store._connection())
+        seen.append(store.load_context("run-a", 0).existing)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join()
+    assert seen[0] is not store._connection()
+    assert seen[1] is not None
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        seen[0].execute("SELECT 1")  # type: ignore[attr-defined]
+
+
+# --- the URL factory ----------------------------------------------------------------
+
+
+def test_relative_and_absolute_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:///nested/dir/rel.db")
+    relative.close()
+    assert (tmp_path / "nested" / "dir" / "rel.db").is_file()
+
+    absolute = tmp_path / "abs" / "a.db"
+    store = open_store(f"sqlite:///{absolute}")  # four slashes: sqlite:////tmp/...
+    store.close()
+    assert absolute.is_file()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "postgresql://user@db:5432/control",
+            "PostgreSQL store arrives with issue 5 .*'postgresql'",
+        ),
+        ("postgresql+psycopg://db/control", "issue 5"),
+        ("mysql://db/control", "unknown store URL scheme 'mysql'"),
+        ("control.db", "scheme://"),
+        ("sqlite:///:memory:", "must name a file"),
+        ("sqlite://host/control.db", "no host"),
+        ("sqlite:///control.db?timeout=3", "parameters"),
+    ],
+)
+def test_bad_urls_are_refused(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
