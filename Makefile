@@ -13,13 +13,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m control_server.demo
+	$(PY) demo/demo.py
 
 test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m control_server.bench
+	$(PY) benchmarks/bench.py
 
 # Regenerate the committed API code from proto/ (pinned grpcio-tools in [dev]).
 proto: $(STAMP)

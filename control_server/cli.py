@@ -1,0 +1,160 @@
+"""`control-server serve | replay`: the server's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from control_server.app import ServerConfig, start_server
+from control_server.domain import Decision, DomainError
+from control_server.policy.document import PolicyDoc, load_policy_file
+from control_server.replay import replay_store
+from control_server.service import PolicyCache
+from control_server.store import open_store
+
+logger = logging.getLogger("control_server")
+
+DEFAULT_STORE = "sqlite:///control.db"
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _serve(config: ServerConfig) -> None:
+    running = await start_server(config)
+    host = config.listen.rsplit(":", 1)[0]
+    # The one line scripts parse to find the port (the demo, users of port 0).
+    print(
+        f"control-server: serving on {host}:{running.port} store={config.store_url} "
+        f"policy={running.policy_version}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down: draining in-flight calls")
+    await running.stop()
+    print("control-server: stopped", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not _is_loopback(args.listen) and not args.insecure:
+        print(
+            f"control-server: refusing to listen on {args.listen} beyond loopback without "
+            "authentication; pass --insecure to do it anyway",
+            file=sys.stderr,
+        )
+        return 2
+    config = ServerConfig(
+        listen=args.listen,
+        store_url=args.store,
+        policy_file=args.policy,
+        max_message_bytes=args.max_message_bytes,
+    )
+    asyncio.run(_serve(config))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    store = open_store(args.store)
+    try:
+        what_if: PolicyDoc | None = load_policy_file(args.policy) if args.policy else None
+        cache = PolicyCache(store)
+
+        def policy_for(recorded: Decision) -> tuple[PolicyDoc, str]:
+            if what_if is not None:
+                return what_if, what_if.version
+            return cache.get(recorded.policy_version), recorded.policy_version
+
+        run_ids = [args.run] if args.run else None
+        try:
+            runs, decisions, differences = replay_store(store, run_ids, policy_for)
+        except KeyError:
+            print(f"control-server replay: run {args.run!r} is not recorded", file=sys.stderr)
+            return 2
+    finally:
+        store.close()
+    for difference in differences:
+        print(difference.describe())
+    if what_if is not None:
+        changed = {d.run_id for d in differences}
+        print(
+            f"replay: what-if policy {what_if.name}@{what_if.version}: {len(differences)} of "
+            f"{decisions} decisions in {len(changed)} of {runs} runs would differ"
+        )
+        return 0
+    print(f"replay: {runs} runs, {decisions} decisions, {len(differences)} differ from the record")
+    return 1 if differences else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="control-server", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve.add_argument(
+        "--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0: any free port)"
+    )
+    serve.add_argument(
+        "--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})"
+    )
+    serve.add_argument("--policy", type=Path, help="YAML policy to store and activate at start")
+    serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request/response accepted (default 4 MiB)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond loopback without authentication",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    replay = sub.add_parser("replay", help="recompute recorded decisions from recorded reports")
+    replay.add_argument(
+        "--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})"
+    )
+    replay.add_argument("--run", help="only this run id")
+    replay.add_argument(
+        "--policy",
+        type=Path,
+        help="what-if: decide with this YAML policy instead of the recorded ones",
+    )
+    replay.set_defaults(func=cmd_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except (DomainError, ValueError, OSError) as exc:
+        print(f"control-server {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["build_parser", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""`control-server serve` and `control-server replay` as users run them: real subprocesses."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.conftest import REPO, ServerProcess, report
+from trainer_client.api import control_pb2 as pb
+from trainer_client.api import control_pb2_grpc as pb_grpc
+
+EAGER_POLICY = """
+name: eager
+plateau: {patience: 1, cooldown: 0, warmup_epochs: 2}
+"""
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "control_server.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def flat_run(target: str, run_id: str, epochs: int) -> list[pb.Decision]:
+    """A run whose loss never improves after epoch 0, applying what it is told."""
+    decisions = []
+    lr, count = 0.001, 0
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.TrainingControlStub(channel)
+        for epoch in range(epochs):
+            d = stub.ReportEpoch(
+                report(run_id, epoch, val_loss=0.5, current_lr=lr, intervention_count=count)
+            )
+            if d.action == pb.INTERVENE:
+                lr, count = d.lr, d.intervention_index
+            decisions.append(d)
+    return decisions
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "eager.yaml"
+    path.write_text(EAGER_POLICY)
+    return path
+
+
+def test_serve_drains_on_sigterm_and_a_restart_loses_nothing(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/control.db"
+    server = ServerProcess("--store", store, cwd=tmp_path)
+    try:
+        first = flat_run(server.target, "run-s", 3)
+    finally:
+        code, output = server.terminate()
+    assert code == 0, output
+    assert "stopped" in output
+    again = ServerProcess("--store", store, cwd=tmp_path)
+    try:
+        retried = flat_run(again.target, "run-s", 3)
+    finally:
+        again.terminate()
+    assert [d.decision_id for d in retried] == [d.decision_id for d in first]
+
+
+def test_serve_refuses_a_public_address_without_auth(tmp_path: Path) -> None:
+    result = cli("serve", "--listen", "0.0.0.0:0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--insecure" in result.stderr
+
+
+def test_serve_refuses_an_invalid_policy_naming_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plateau: {patience: -3}\n")
+    result = cli(
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        f"sqlite:///{tmp_path}/c.db",
+        "--policy",
+        str(bad),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "plateau.patience" in result.stderr
+
+
+def test_replay_reproduces_the_record_and_catches_a_tampered_decision(
+    tmp_path: Path, policy_file: Path
+) -> None:
+    store = f"sqlite:///{tmp_path}/control.db"
+    server = ServerProcess("--store", store, "--policy", str(policy_file), cwd=tmp_path)
+    try:
+        decisions = flat_run(server.target, "run-x", 12)
+        flat_run(server.target, "run-y", 6)
+    finally:
+        server.terminate()
+    assert any(d.action == pb.INTERVENE for d in decisions)
+
+    ok = cli("replay", "--store", store, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "2 runs, 18 decisions, 0 differ" in ok.stdout
+
+    intervened = next(d for d in decisions if d.action == pb.INTERVENE)
+    with sqlite3.connect(tmp_path / "control.db") as db:
+        db.execute("UPDATE decisions SET lr = 0.5 WHERE decision_id = ?", (intervened.decision_id,))
+    db.close()
+    bad = cli("replay", "--store", store, "--run", "run-x", cwd=tmp_path)
+    assert bad.returncode == 1
+    assert f"run run-x epoch {intervened.epoch}" in bad.stdout
+    assert "1 differ" in bad.stdout
+
+
+def test_replay_with_another_policy_is_a_what_if(tmp_path: Path, policy_file: Path) -> None:
+    store = f"sqlite:///{tmp_path}/control.db"
+    server = ServerProcess("--store", store, "--policy", str(policy_file), cwd=tmp_path)
+    try:
+        flat_run(server.target, "run-w", 10)
+    finally:
+        server.terminate()
+    patient = tmp_path / "patient.yaml"
+    patient.write_text("name: patient\nplateau: {patience: 50}\n")
+    result = cli("replay", "--store", store, "--policy", str(patient), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "what-if policy patient@" in result.stdout
+    assert "run run-w epoch" in result.stdout
+    assert "would differ" in result.stdout
