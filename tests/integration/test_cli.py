@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -134,3 +136,37 @@ def test_replay_with_another_policy_is_a_what_if(tmp_path: Path, policy_file: Pa
     assert "what-if policy patient@" in result.stdout
     assert "run run-w epoch" in result.stdout
     assert "would differ" in result.stdout
+
+
+def test_sigterm_under_load_keeps_every_answered_decision(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/control.db"
+    server = ServerProcess("--store", store, cwd=tmp_path)
+    answered: list[str] = []
+    started = threading.Event()
+
+    def one_run(i: int) -> None:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TrainingControlStub(channel)
+            for epoch in range(10_000):
+                try:
+                    answered.append(stub.ReportEpoch(report(f"load-{i}", epoch)).decision_id)
+                except grpc.RpcError:
+                    return
+                started.set()
+
+    threads = [threading.Thread(target=one_run, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        assert started.wait(30)
+        time.sleep(0.3)
+    finally:
+        code, output = server.terminate()
+        for t in threads:
+            t.join(30)
+    assert code == 0, output
+    assert len(answered) > 8
+    with sqlite3.connect(tmp_path / "control.db") as db:
+        stored = {row[0] for row in db.execute("SELECT decision_id FROM decisions")}
+    db.close()
+    assert set(answered) <= stored
