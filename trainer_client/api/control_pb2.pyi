@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -84,7 +85,7 @@ class EpochReport(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., pseudo_dice: _Optional[float] = ..., avg_gradient_norm: _Optional[float] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("decision_id", "run_id", "epoch", "action", "lr", "loss_weights", "intervention_index", "source", "reason", "policy_version", "decided_at")
+    __slots__ = ("decision_id", "run_id", "epoch", "action", "lr", "loss_weights", "intervention_index", "source", "reason", "policy_version", "decided_at", "override_id")
     class LossWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +104,7 @@ class Decision(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDE_ID_FIELD_NUMBER: _ClassVar[int]
     decision_id: str
     run_id: str
     epoch: int
@@ -114,7 +116,8 @@ class Decision(_message.Message):
     reason: str
     policy_version: str
     decided_at: _timestamp_pb2.Timestamp
-    def __init__(self, decision_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., intervention_index: _Optional[int] = ..., source: _Optional[_Union[Source, str]] = ..., reason: _Optional[str] = ..., policy_version: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    override_id: int
+    def __init__(self, decision_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., intervention_index: _Optional[int] = ..., source: _Optional[_Union[Source, str]] = ..., reason: _Optional[str] = ..., policy_version: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., override_id: _Optional[int] = ...) -> None: ...
 
 class RunSummary(_message.Message):
     __slots__ = ("run_id", "labels", "last_epoch", "report_count", "intervention_count", "current_lr", "last_decision", "first_seen", "last_seen")
@@ -163,17 +166,256 @@ class GetRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class RunEpoch(_message.Message):
-    __slots__ = ("report", "decision")
+    __slots__ = ("report", "decision", "shadow")
     REPORT_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     report: EpochReport
     decision: Decision
-    def __init__(self, report: _Optional[_Union[EpochReport, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
+    shadow: Decision
+    def __init__(self, report: _Optional[_Union[EpochReport, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., shadow: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run", "epochs")
+    __slots__ = ("run", "epochs", "overrides")
     RUN_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     run: RunSummary
     epochs: _containers.RepeatedCompositeFieldContainer[RunEpoch]
-    def __init__(self, run: _Optional[_Union[RunSummary, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[RunEpoch, _Mapping]]] = ...) -> None: ...
+    overrides: _containers.RepeatedCompositeFieldContainer[Override]
+    def __init__(self, run: _Optional[_Union[RunSummary, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[RunEpoch, _Mapping]]] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ...) -> None: ...
+
+class Override(_message.Message):
+    __slots__ = ("override_id", "run_id", "lr", "loss_weights", "hold_interventions", "once", "reason", "actor", "created_at", "cleared_at", "cleared_by")
+    class LossWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OVERRIDE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    ONCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_AT_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_BY_FIELD_NUMBER: _ClassVar[int]
+    override_id: int
+    run_id: str
+    lr: float
+    loss_weights: _containers.ScalarMap[str, float]
+    hold_interventions: bool
+    once: bool
+    reason: str
+    actor: str
+    created_at: _timestamp_pb2.Timestamp
+    cleared_at: _timestamp_pb2.Timestamp
+    cleared_by: str
+    def __init__(self, override_id: _Optional[int] = ..., run_id: _Optional[str] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., hold_interventions: _Optional[bool] = ..., once: _Optional[bool] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_by: _Optional[str] = ...) -> None: ...
+
+class SetOverrideRequest(_message.Message):
+    __slots__ = ("run_id", "lr", "loss_weights", "hold_interventions", "once", "reason")
+    class LossWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    ONCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    lr: float
+    loss_weights: _containers.ScalarMap[str, float]
+    hold_interventions: bool
+    once: bool
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., hold_interventions: _Optional[bool] = ..., once: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ClearOverrideRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ClearOverrideResponse(_message.Message):
+    __slots__ = ("cleared",)
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    cleared: bool
+    def __init__(self, cleared: _Optional[bool] = ...) -> None: ...
+
+class ListOverridesRequest(_message.Message):
+    __slots__ = ("run_id", "include_cleared")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    include_cleared: bool
+    def __init__(self, run_id: _Optional[str] = ..., include_cleared: _Optional[bool] = ...) -> None: ...
+
+class ListOverridesResponse(_message.Message):
+    __slots__ = ("overrides",)
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    overrides: _containers.RepeatedCompositeFieldContainer[Override]
+    def __init__(self, overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ...) -> None: ...
+
+class RunSelector(_message.Message):
+    __slots__ = ("dataset", "configuration", "fold")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURATION_FIELD_NUMBER: _ClassVar[int]
+    FOLD_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    configuration: str
+    fold: str
+    def __init__(self, dataset: _Optional[str] = ..., configuration: _Optional[str] = ..., fold: _Optional[str] = ...) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("version", "name", "document", "created_at", "active", "shadow", "pins")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    name: str
+    document: _struct_pb2.Struct
+    created_at: _timestamp_pb2.Timestamp
+    active: bool
+    shadow: bool
+    pins: _containers.RepeatedCompositeFieldContainer[RunSelector]
+    def __init__(self, version: _Optional[str] = ..., name: _Optional[str] = ..., document: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ..., shadow: _Optional[bool] = ..., pins: _Optional[_Iterable[_Union[RunSelector, _Mapping]]] = ...) -> None: ...
+
+class PutPolicyRequest(_message.Message):
+    __slots__ = ("document", "yaml")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    document: _struct_pb2.Struct
+    yaml: str
+    def __init__(self, document: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., yaml: _Optional[str] = ...) -> None: ...
+
+class PutPolicyResponse(_message.Message):
+    __slots__ = ("policy", "created")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    policy: Policy
+    created: bool
+    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class ListPoliciesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPoliciesResponse(_message.Message):
+    __slots__ = ("policies", "active_version", "shadow_version")
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[Policy]
+    active_version: str
+    shadow_version: str
+    def __init__(self, policies: _Optional[_Iterable[_Union[Policy, _Mapping]]] = ..., active_version: _Optional[str] = ..., shadow_version: _Optional[str] = ...) -> None: ...
+
+class ActivatePolicyRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class PinPolicyRequest(_message.Message):
+    __slots__ = ("version", "selector")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    selector: RunSelector
+    def __init__(self, version: _Optional[str] = ..., selector: _Optional[_Union[RunSelector, _Mapping]] = ...) -> None: ...
+
+class UnpinPolicyRequest(_message.Message):
+    __slots__ = ("selector",)
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    selector: RunSelector
+    def __init__(self, selector: _Optional[_Union[RunSelector, _Mapping]] = ...) -> None: ...
+
+class UnpinPolicyResponse(_message.Message):
+    __slots__ = ("unpinned",)
+    UNPINNED_FIELD_NUMBER: _ClassVar[int]
+    unpinned: bool
+    def __init__(self, unpinned: _Optional[bool] = ...) -> None: ...
+
+class SetShadowPolicyRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class GetShadowSummaryRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class ShadowSummary(_message.Message):
+    __slots__ = ("version", "evaluated", "differed", "by_transition")
+    class ByTransitionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    DIFFERED_FIELD_NUMBER: _ClassVar[int]
+    BY_TRANSITION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    evaluated: int
+    differed: int
+    by_transition: _containers.ScalarMap[str, int]
+    def __init__(self, version: _Optional[str] = ..., evaluated: _Optional[int] = ..., differed: _Optional[int] = ..., by_transition: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ListDecisionsRequest(_message.Message):
+    __slots__ = ("run_id", "action", "source", "since", "until", "limit")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    action: Action
+    source: Source
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    limit: int
+    def __init__(self, run_id: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., source: _Optional[_Union[Source, str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListDecisionsResponse(_message.Message):
+    __slots__ = ("decisions",)
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    decisions: _containers.RepeatedCompositeFieldContainer[Decision]
+    def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ...) -> None: ...
+
+class WatchDecisionsRequest(_message.Message):
+    __slots__ = ("run_id", "action", "source")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    action: Action
+    source: Source
+    def __init__(self, run_id: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., source: _Optional[_Union[Source, str]] = ...) -> None: ...

@@ -117,6 +117,71 @@ class ControlAdminStub:
                 request_serializer=trainer__client_dot_api_dot_control__pb2.GetRunRequest.SerializeToString,
                 response_deserializer=trainer__client_dot_api_dot_control__pb2.GetRunResponse.FromString,
                 _registered_method=True)
+        self.ListDecisions = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/ListDecisions',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.ListDecisionsRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ListDecisionsResponse.FromString,
+                _registered_method=True)
+        self.WatchDecisions = channel.unary_stream(
+                '/trainingcontrol.v1.ControlAdmin/WatchDecisions',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.WatchDecisionsRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Decision.FromString,
+                _registered_method=True)
+        self.SetOverride = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/SetOverride',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.SetOverrideRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Override.FromString,
+                _registered_method=True)
+        self.ClearOverride = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/ClearOverride',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.ClearOverrideRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ClearOverrideResponse.FromString,
+                _registered_method=True)
+        self.ListOverrides = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/ListOverrides',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.ListOverridesRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ListOverridesResponse.FromString,
+                _registered_method=True)
+        self.PutPolicy = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/PutPolicy',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.PutPolicyRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.PutPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/GetPolicy',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Policy.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/ListPolicies',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.ActivatePolicy = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/ActivatePolicy',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.ActivatePolicyRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Policy.FromString,
+                _registered_method=True)
+        self.PinPolicy = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/PinPolicy',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.PinPolicyRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Policy.FromString,
+                _registered_method=True)
+        self.UnpinPolicy = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/UnpinPolicy',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.UnpinPolicyRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.UnpinPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetShadowPolicy = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/SetShadowPolicy',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.SetShadowPolicyRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.GetShadowSummary = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/GetShadowSummary',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ShadowSummary.FromString,
+                _registered_method=True)
 
 
 class ControlAdminServicer:
@@ -129,8 +194,90 @@ class ControlAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRun(self, request, context):
-        """A run's reports and decisions in order; NOT_FOUND for an unknown run.
+        """A run's reports, decisions, shadow decisions and overrides in order;
+        NOT_FOUND for an unknown run.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDecisions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchDecisions(self, request, context):
+        """Decisions as they are made, from the moment of the call on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOverride(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearOverride(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOverrides(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutPolicy(self, request, context):
+        """Validate and store an immutable version (not activated).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivatePolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinPolicy(self, request, context):
+        """Runs matching the selector use this version instead of the active one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetShadowPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShadowSummary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -147,6 +294,71 @@ def add_ControlAdminServicer_to_server(servicer, server):
                     servicer.GetRun,
                     request_deserializer=trainer__client_dot_api_dot_control__pb2.GetRunRequest.FromString,
                     response_serializer=trainer__client_dot_api_dot_control__pb2.GetRunResponse.SerializeToString,
+            ),
+            'ListDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDecisions,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.ListDecisionsRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ListDecisionsResponse.SerializeToString,
+            ),
+            'WatchDecisions': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchDecisions,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.WatchDecisionsRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Decision.SerializeToString,
+            ),
+            'SetOverride': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOverride,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.SetOverrideRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Override.SerializeToString,
+            ),
+            'ClearOverride': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearOverride,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.ClearOverrideRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ClearOverrideResponse.SerializeToString,
+            ),
+            'ListOverrides': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOverrides,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.ListOverridesRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ListOverridesResponse.SerializeToString,
+            ),
+            'PutPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutPolicy,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.PutPolicyRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.PutPolicyResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.GetPolicyRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Policy.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'ActivatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivatePolicy,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.ActivatePolicyRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Policy.SerializeToString,
+            ),
+            'PinPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinPolicy,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.PinPolicyRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Policy.SerializeToString,
+            ),
+            'UnpinPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinPolicy,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.UnpinPolicyRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.UnpinPolicyResponse.SerializeToString,
+            ),
+            'SetShadowPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadowPolicy,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.SetShadowPolicyRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'GetShadowSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShadowSummary,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ShadowSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -203,6 +415,357 @@ class ControlAdmin:
             '/trainingcontrol.v1.ControlAdmin/GetRun',
             trainer__client_dot_api_dot_control__pb2.GetRunRequest.SerializeToString,
             trainer__client_dot_api_dot_control__pb2.GetRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/ListDecisions',
+            trainer__client_dot_api_dot_control__pb2.ListDecisionsRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ListDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/WatchDecisions',
+            trainer__client_dot_api_dot_control__pb2.WatchDecisionsRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Decision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOverride(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/SetOverride',
+            trainer__client_dot_api_dot_control__pb2.SetOverrideRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Override.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearOverride(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/ClearOverride',
+            trainer__client_dot_api_dot_control__pb2.ClearOverrideRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ClearOverrideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOverrides(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/ListOverrides',
+            trainer__client_dot_api_dot_control__pb2.ListOverridesRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ListOverridesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/PutPolicy',
+            trainer__client_dot_api_dot_control__pb2.PutPolicyRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.PutPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/GetPolicy',
+            trainer__client_dot_api_dot_control__pb2.GetPolicyRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/ListPolicies',
+            trainer__client_dot_api_dot_control__pb2.ListPoliciesRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/ActivatePolicy',
+            trainer__client_dot_api_dot_control__pb2.ActivatePolicyRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/PinPolicy',
+            trainer__client_dot_api_dot_control__pb2.PinPolicyRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/UnpinPolicy',
+            trainer__client_dot_api_dot_control__pb2.UnpinPolicyRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.UnpinPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadowPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/SetShadowPolicy',
+            trainer__client_dot_api_dot_control__pb2.SetShadowPolicyRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShadowSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/GetShadowSummary',
+            trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ShadowSummary.FromString,
             options,
             channel_credentials,
             insecure,
