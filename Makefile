@@ -6,10 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench proto proto-check lint typecheck clean
 
+# torch first, and pinned again beside the project: the nnunet extra pulls
+# timm -> torchvision, whose newest release would otherwise drag in a newer
+# (CUDA) torch. 2.13.0 is the CPU build on this machine's disk.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]' torch==2.13.0
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -10,6 +10,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_server.audit import AuditInterceptor
+from control_server.auth import AuthInterceptor, TokenTable
 from control_server.policy.document import PolicyDoc, default_policy, load_policy_file
 from control_server.service import ControlService, store_policy
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
@@ -40,6 +42,22 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     #: Seconds in-flight calls get to finish on shutdown.
     grace_s: float = 5.0
+    #: Token file (``control-server token create``); None serves without
+    #: authentication, every caller acting as "anonymous".
+    auth_file: Path | None = None
+    #: PEM certificate chain and private key: serve TLS instead of plaintext.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: PEM CA bundle: require client certificates signed by it (needs tls_cert).
+    tls_client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together.")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                "tls_client_ca needs tls_cert and tls_key (client certificates need TLS)."
+            )
 
 
 @dataclass
@@ -58,6 +76,7 @@ class RunningServer:
     async def stop(self) -> None:
         """Refuse new calls, let in-flight ones finish, commit what is queued, close."""
         await self.health.enter_graceful_shutdown()
+        self.service.close()  # ends WatchDecisions streams, which would hold stop() for grace_s
         await self.server.stop(self.grace_s)
         await self.committer.close()
         self.store.close()
@@ -79,8 +98,30 @@ def activate_startup_policy(store: Store, policy_file: Path | None) -> str:
     return version
 
 
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files, or None for plaintext."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise OSError(f"cannot read the TLS {what} {path}: {error.strerror}") from None
+
+    client_ca = read(config.tls_client_ca, "client CA") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key, "key"), read(config.tls_cert, "certificate"))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
     """Build and start a server; the returned port is the one really bound."""
+    # Bad auth or TLS files fail here, before anything is opened.
+    tokens = TokenTable(config.auth_file) if config.auth_file is not None else None
+    credentials = server_credentials(config)
     store = open_store(config.store_url)
     try:
         version = activate_startup_policy(store, config.policy_file)
@@ -98,7 +139,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    # The audit sits outside auth so that refused calls are recorded too.
+    interceptors: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(store)]
+    if tokens is not None:
+        interceptors.append(AuthInterceptor(tokens))
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_TrainingControlServicer_to_server(TrainingControlServicer(service), server)
     pb_grpc.add_ControlAdminServicer_to_server(ControlAdminServicer(service), server)
     health_servicer = health.aio.HealthServicer()
@@ -108,13 +153,23 @@ async def start_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.listen)
+    if credentials is None:
+        port = server.add_insecure_port(config.listen)
+    else:
+        port = server.add_secure_port(config.listen, credentials)
     if port == 0:
         await committer.close()
         store.close()
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
-    logger.info("serving on port %d (store %s, policy %s)", port, config.store_url, version)
+    logger.info(
+        "serving on port %d (store %s, policy %s, auth %s, tls %s)",
+        port,
+        config.store_url,
+        version,
+        config.auth_file or "off",
+        "off" if credentials is None else "mutual" if config.tls_client_ca else "on",
+    )
     return RunningServer(
         server, port, service, committer, store, health_servicer, version, config.grace_s
     )

@@ -1,4 +1,4 @@
-"""`control-server serve | replay`: the server's entry point."""
+"""`control-server serve | replay | token`: the server's entry point."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from control_server.app import ServerConfig, start_server
+from control_server.auth import Role, create_token, load_tokens, revoke_token
 from control_server.domain import Decision, DomainError
 from control_server.policy.document import PolicyDoc, load_policy_file
 from control_server.replay import replay_store
@@ -53,18 +54,29 @@ async def _serve(config: ServerConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if not _is_loopback(args.listen) and not args.insecure:
+    loopback = _is_loopback(args.listen)
+    if not loopback and args.auth_file is None and not args.insecure:
         print(
             f"control-server: refusing to listen on {args.listen} beyond loopback without "
-            "authentication; pass --insecure to do it anyway",
+            "authentication; pass --auth-file FILE (or --insecure to do it anyway)",
             file=sys.stderr,
         )
         return 2
+    if not loopback and args.auth_file is not None and args.tls_cert is None:
+        logger.warning(
+            "serving %s without TLS: bearer tokens cross the network in clear text; "
+            "pass --tls-cert/--tls-key",
+            args.listen,
+        )
     config = ServerConfig(
         listen=args.listen,
         store_url=args.store,
         policy_file=args.policy,
         max_message_bytes=args.max_message_bytes,
+        auth_file=args.auth_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     asyncio.run(_serve(config))
     return 0
@@ -102,6 +114,39 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if differences else 0
 
 
+def cmd_token_create(args: argparse.Namespace) -> int:
+    token, entry = create_token(args.auth_file, args.name, Role(args.role))
+    # The token alone on stdout (TOKEN=$(control-server token create ...)); it is
+    # shown this once and stored nowhere, only its hash is.
+    print(token, flush=True)
+    print(
+        f"control-server token: created {entry.role.value} token {entry.name!r} in "
+        f"{args.auth_file}; it is shown only this once",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    entries = load_tokens(args.auth_file)
+    width = max([len("NAME"), *(len(e.name) for e in entries)])
+    print(f"{'NAME':<{width}}  {'ROLE':<8}  CREATED")
+    for entry in entries:
+        created = entry.created_at.isoformat(timespec="seconds")
+        print(f"{entry.name:<{width}}  {entry.role.value:<8}  {created}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    entry = revoke_token(args.auth_file, args.name)
+    print(
+        f"control-server token: revoked {entry.role.value} token {entry.name!r}; servers "
+        "using the file refuse it within a second",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="control-server", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -122,9 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request/response accepted (default 4 MiB)",
     )
     serve.add_argument(
+        "--auth-file",
+        type=Path,
+        help="token file (see `token create`): require a bearer token with the right role",
+    )
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA bundle: require client certificates signed by it",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
-        help="allow listening beyond loopback without authentication",
+        help="allow listening beyond loopback without --auth-file",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -139,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="what-if: decide with this YAML policy instead of the recorded ones",
     )
     replay.set_defaults(func=cmd_replay)
+
+    token = sub.add_parser("token", help="manage the bearer tokens of an auth file")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser(
+        "create", help="add a token and print it (once) to stdout; creates the file 0600"
+    )
+    create.add_argument("--name", required=True, help="who uses it; recorded as the actor")
+    create.add_argument("--role", required=True, choices=[r.value for r in Role])
+    create.set_defaults(func=cmd_token_create)
+    listing = token_sub.add_parser("list", help="names, roles and creation times")
+    listing.set_defaults(func=cmd_token_list)
+    revoke = token_sub.add_parser("revoke", help="remove a token; running servers notice")
+    revoke.add_argument("--name", required=True)
+    revoke.set_defaults(func=cmd_token_revoke)
+    for command in (create, listing, revoke):
+        command.add_argument("--auth-file", type=Path, required=True, help="the token file")
     return parser
 
 

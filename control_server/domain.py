@@ -55,6 +55,11 @@ class StoreUnavailable(DomainError):
     """The store cannot be reached or refused the write; nothing was decided."""
 
 
+class StaleContext(DomainError):
+    """What a decision was based on changed before it could be stored (a `once`
+    override was consumed or cleared meanwhile); nothing was stored, decide again."""
+
+
 def frozen_map(values: Mapping[str, float] | None = None) -> Mapping[str, float]:
     """A read-only copy of a weight map, keys sorted so equal maps print alike."""
     values = values or {}
@@ -128,6 +133,11 @@ class Decision:
     lr: float | None = None
     loss_weights: Mapping[str, float] = field(default_factory=frozen_map)
     intervention_index: int = 0
+    #: The override in force when this was decided (replay passes it to the policy again).
+    override_id: int | None = None
+    #: The epoch whose policy state this continued from (None: the run's initial state);
+    #: replay follows the same chain, also when reports arrived out of order.
+    previous_epoch: int | None = None
 
     def same_outcome(self, other: Decision | Verdict) -> bool:
         """True when both decide the same thing (ids and times aside)."""
@@ -143,7 +153,11 @@ class Decision:
 
 @dataclass(frozen=True)
 class Override:
-    """An operator's override of one run (set and cleared through ControlAdmin)."""
+    """An operator's override of one run (set and cleared through ControlAdmin).
+
+    `override_id` is None until stored. `cleared_by` names who cleared it: an
+    operator, "replaced by override N", or "consumed by epoch N" for a `once`.
+    """
 
     run_id: str
     actor: str
@@ -153,6 +167,37 @@ class Override:
     hold_interventions: bool = False
     once: bool = False
     created_at: datetime | None = None
+    override_id: int | None = None
+    cleared_at: datetime | None = None
+    cleared_by: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.cleared_at is None
+
+
+@dataclass(frozen=True)
+class RunSelector:
+    """Runs whose labels match every non-empty field (a policy pin's target)."""
+
+    dataset: str = ""
+    configuration: str = ""
+    fold: str = ""
+
+    @property
+    def specificity(self) -> int:
+        """How many fields are set: the most specific matching pin wins."""
+        return sum(1 for v in (self.dataset, self.configuration, self.fold) if v)
+
+
+@dataclass(frozen=True)
+class PolicyPin:
+    """A policy version pinned to the runs a selector matches."""
+
+    selector: RunSelector
+    version: str
+    pinned_at: datetime
+    actor: str
 
 
 @dataclass(frozen=True)
@@ -163,6 +208,38 @@ class PolicyVersion:
     name: str
     document: Mapping[str, Any]
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """A stored version with its standing: active, shadowed, and pinned where."""
+
+    policy: PolicyVersion
+    active: bool = False
+    shadow: bool = False
+    pins: tuple[RunSelector, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyCatalog:
+    """Every stored version (oldest first) and which ones are active and shadowed."""
+
+    policies: tuple[PolicyView, ...]
+    active_version: str | None
+    shadow_version: str | None
+
+
+@dataclass(frozen=True)
+class ShadowSummary:
+    """How often a shadow version would have decided differently from the real decision.
+
+    `by_transition` counts differences by "REAL->SHADOW" action pair.
+    """
+
+    version: str
+    evaluated: int
+    differed: int
+    by_transition: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -191,23 +268,84 @@ class RunFilter:
 
 
 @dataclass(frozen=True)
+class DecisionFilter:
+    """Filters of ListDecisions and WatchDecisions; empty/None match everything.
+
+    `since` is inclusive, `until` exclusive (decided_at); `limit` <= 0 means no limit.
+    """
+
+    run_id: str = ""
+    action: Action | None = None
+    source: Source | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 1000
+
+
+@dataclass(frozen=True)
+class DecisionPage:
+    """Decisions committed after a cursor, and the cursor to continue from.
+
+    Every decision committed at or below `cursor` was visible to the read that
+    returned this page; decisions committed later get a higher sequence number.
+    """
+
+    decisions: tuple[Decision, ...]
+    cursor: int
+
+
+@dataclass(frozen=True)
+class RunEpoch:
+    """One epoch of a run: the report, the decision, and the shadow one if any."""
+
+    report: Report
+    decision: Decision
+    shadow: Decision | None = None
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    """A run for GetRun: summary, epochs in order, every override oldest first."""
+
+    run: RunSummary
+    epochs: tuple[RunEpoch, ...]
+    overrides: tuple[Override, ...]
+
+
+@dataclass(frozen=True)
 class DecisionRecord:
-    """What one ReportEpoch writes: the report, its decision and the policy state after it.
+    """What one ReportEpoch writes, in one transaction.
 
     `state` is the policy's serialised fold state (JSON text) so that the next
-    report of the run continues from it on any replica.
+    report of the run continues from it on any replica. `consumed_override` is
+    the id of the `once` override this decision used up; `shadow` and
+    `shadow_state` are the shadow version's decision and fold state.
     """
 
     report: Report
     decision: Decision
     state: str
+    consumed_override: int | None = None
+    shadow: Decision | None = None
+    shadow_state: str | None = None
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """Everything the store holds that one report's decision needs, read at once."""
+    """Everything the store holds that one report's decision needs, read at once.
+
+    `previous_state` is the policy state after the latest stored epoch before
+    this one (`previous_epoch`); `previous_shadow_state` is the shadow state
+    stored at that same epoch, and only when it came from the current
+    `shadow_policy` (None: start the shadow afresh). `pinned_policy` is the
+    version of the most specific pin matching the run's labels.
+    """
 
     existing: Decision | None
     previous_state: str | None
     active_policy: str | None
     override: Override | None = None
+    previous_epoch: int | None = None
+    pinned_policy: str | None = None
+    shadow_policy: str | None = None
+    previous_shadow_state: str | None = None

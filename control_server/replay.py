@@ -1,19 +1,23 @@
 """Recompute recorded decisions from recorded reports.
 
 With the recorded policy (each decision's own version) every decision must come
-out the same: that is the audit's proof. With another policy it is a what-if:
-what that policy would have decided on the same reports. (After the first
-difference a what-if is only indicative: the real run reacted to the recorded
-decisions, not to the ones the other policy would have made.)
+out the same: that is the audit's proof. Decisions made while an override was
+in force get that override again (by the id recorded with the decision). With
+another policy it is a what-if: what that policy would have decided on the
+same reports under the same overrides. Each epoch continues from the state of
+the epoch its decision continued from (recorded with it), so reports that
+arrived out of order replay as they were decided. (After the first difference
+a what-if is only indicative: the real run reacted to the recorded decisions,
+not to the ones the other policy would have made.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from control_server.domain import Decision, Report, Verdict
-from control_server.policy import INITIAL_STATE, step
+from control_server.domain import Decision, Override, Report, Verdict
+from control_server.policy import INITIAL_STATE, PolicyState, step
 from control_server.policy.document import PolicyDoc
 from control_server.store import Store
 
@@ -40,20 +44,73 @@ class Difference:
         )
 
 
+def recorded_override(decision: Decision, overrides: Mapping[int, Override]) -> Override | None:
+    """The override a decision was made under (None when none was in force)."""
+    if decision.override_id is None:
+        return None
+    return overrides.get(decision.override_id)
+
+
+def fold_state(
+    doc: PolicyDoc,
+    version: str,
+    epochs: Sequence[tuple[Report, Decision]],
+    overrides: Mapping[int, Override],
+    after_epoch: int | None,
+) -> PolicyState:
+    """The state `doc` reaches at `after_epoch` (None: the initial state), folding over
+    the recorded epochs along the recorded chain, each under its recorded override."""
+    if after_epoch is None:
+        return INITIAL_STATE
+    states = _fold(doc, version, epochs, overrides)
+    return states.get(after_epoch, INITIAL_STATE)
+
+
+def _fold(
+    doc: PolicyDoc,
+    version: str,
+    epochs: Sequence[tuple[Report, Decision]],
+    overrides: Mapping[int, Override],
+) -> dict[int, PolicyState]:
+    states: dict[int, PolicyState] = {}
+    for report, recorded in epochs:
+        state = _state_before(recorded, states)
+        _, states[report.epoch] = step(
+            doc, version, state, report, recorded_override(recorded, overrides)
+        )
+    return states
+
+
+def _state_before(recorded: Decision, states: Mapping[int, PolicyState]) -> PolicyState:
+    """The state a recorded decision continued from (its predecessor has a lower epoch,
+    so an epoch-order fold has already computed it)."""
+    if recorded.previous_epoch is None:
+        return INITIAL_STATE
+    return states.get(recorded.previous_epoch, INITIAL_STATE)
+
+
 def replay_run(
     epochs: Sequence[tuple[Report, Decision]],
     policy_for: Callable[[Decision], tuple[PolicyDoc, str]],
+    overrides: Mapping[int, Override] | None = None,
 ) -> list[Difference]:
-    """Fold the policy over a run's recorded reports; return where it disagrees.
+    """Fold the policy over a run's recorded reports (in epoch order); return where it
+    disagrees.
 
+    Each epoch continues from the state of the epoch its decision continued from
+    (normally the one before; not when reports arrived out of order).
     `policy_for(recorded_decision)` gives the (document, version) to decide that
     epoch with: the recorded one for an audit, a fixed one for a what-if.
+    `overrides` maps override ids to the run's overrides (cleared ones included).
     """
-    state = INITIAL_STATE
+    overrides = overrides or {}
+    states: dict[int, PolicyState] = {}
     differences = []
     for report, recorded in epochs:
         doc, version = policy_for(recorded)
-        verdict, state = step(doc, version, state, report, None)
+        override = recorded_override(recorded, overrides)
+        state = _state_before(recorded, states)
+        verdict, states[report.epoch] = step(doc, version, state, report, override)
         if not recorded.same_outcome(verdict):
             differences.append(Difference(report.run_id, report.epoch, recorded, verdict))
     return differences
@@ -72,7 +129,12 @@ def replay_store(
         if found is None:
             raise KeyError(run_id)
         _, epochs = found
+        overrides = {
+            o.override_id: o
+            for o in store.list_overrides(run_id, include_cleared=True)
+            if o.override_id is not None
+        }
         runs += 1
         decisions += len(epochs)
-        differences.extend(replay_run(epochs, policy_for))
+        differences.extend(replay_run(epochs, policy_for, overrides))
     return runs, decisions, differences

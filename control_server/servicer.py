@@ -1,18 +1,27 @@
 """Thin gRPC adapters: decode, call one service function, encode.
 
-Domain errors become status codes here and only here.
+Domain errors become status codes here and only here. The caller's identity
+(for overrides and policy changes) comes from `current_actor()`, which the auth
+interceptor sets for each call.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 
 from control_server import convert
-from control_server.domain import DomainError, InvalidArgument, NotFound, StoreUnavailable
+from control_server.domain import (
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    StaleContext,
+    StoreUnavailable,
+)
+from control_server.identity import current_actor
 from control_server.service import ControlService
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -25,7 +34,19 @@ _CODES: list[tuple[type[DomainError], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StaleContext, grpc.StatusCode.ABORTED),
 ]
+# Error details travel in trailers; a message quoting a huge value must not overflow them.
+_MAX_DETAILS = 1000
+
+
+async def _abort(rpc: str, context: grpc.aio.ServicerContext, exc: DomainError) -> None:
+    code = next((c for kind, c in _CODES if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+    details = str(exc)
+    if len(details) > _MAX_DETAILS:
+        details = details[: _MAX_DETAILS - 3] + "..."
+    logger.warning("[%s] %s: %s", rpc, code.name, details)
+    await context.abort(code, details)
 
 
 async def _handle(
@@ -34,9 +55,7 @@ async def _handle(
     try:
         return await call()
     except DomainError as exc:
-        code = next((c for kind, c in _CODES if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
-        logger.warning("[%s] %s: %s", rpc, code.name, exc)
-        await context.abort(code, str(exc))
+        await _abort(rpc, context, exc)
     raise AssertionError("unreachable: abort raises")
 
 
@@ -58,6 +77,8 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     def __init__(self, service: ControlService) -> None:
         self._service = service
 
+    # --- audit ------------------------------------------------------------------------
+
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRunsResponse:
@@ -71,17 +92,139 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
         self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRunResponse:
         async def call() -> pb.GetRunResponse:
-            if not request.run_id:
-                raise InvalidArgument("run_id", "must not be empty")
-            run, epochs = self._service.get_run(request.run_id)
-            return pb.GetRunResponse(
-                run=convert.run_summary_to_proto(run),
-                epochs=[
-                    pb.RunEpoch(
-                        report=convert.report_to_proto(r), decision=convert.decision_to_proto(d)
-                    )
-                    for r, d in epochs
-                ],
-            )
+            return convert.run_detail_to_proto(self._service.get_run(request.run_id))
 
         return await _handle("GetRun", context, call)
+
+    async def ListDecisions(
+        self, request: pb.ListDecisionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDecisionsResponse:
+        async def call() -> pb.ListDecisionsResponse:
+            found = self._service.list_decisions(convert.decision_filter_from_proto(request))
+            return pb.ListDecisionsResponse(decisions=[convert.decision_to_proto(d) for d in found])
+
+        return await _handle("ListDecisions", context, call)
+
+    async def WatchDecisions(
+        self, request: pb.WatchDecisionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Decision]:
+        try:
+            watch = self._service.watch_decisions(convert.watch_filter_from_proto(request))
+        except DomainError as exc:
+            await _abort("WatchDecisions", context, exc)
+            return
+        try:
+            # Headers go out once the watch is live: a client that waits for them
+            # sees every decision committed afterwards.
+            await context.send_initial_metadata(())
+            async for decision in watch:
+                yield convert.decision_to_proto(decision)
+        except DomainError as exc:
+            await _abort("WatchDecisions", context, exc)
+        finally:
+            watch.close()
+
+    # --- overrides --------------------------------------------------------------------
+
+    async def SetOverride(
+        self, request: pb.SetOverrideRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Override:
+        async def call() -> pb.Override:
+            override = convert.override_from_proto(request)
+            stored = self._service.set_override(override, current_actor())
+            return convert.override_to_proto(stored)
+
+        return await _handle("SetOverride", context, call)
+
+    async def ClearOverride(
+        self, request: pb.ClearOverrideRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearOverrideResponse:
+        async def call() -> pb.ClearOverrideResponse:
+            cleared = self._service.clear_override(request.run_id, current_actor())
+            return pb.ClearOverrideResponse(cleared=cleared is not None)
+
+        return await _handle("ClearOverride", context, call)
+
+    async def ListOverrides(
+        self, request: pb.ListOverridesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListOverridesResponse:
+        async def call() -> pb.ListOverridesResponse:
+            found = self._service.list_overrides(request.run_id, request.include_cleared)
+            return pb.ListOverridesResponse(overrides=[convert.override_to_proto(o) for o in found])
+
+        return await _handle("ListOverrides", context, call)
+
+    # --- policies ---------------------------------------------------------------------
+
+    async def PutPolicy(
+        self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PutPolicyResponse:
+        async def call() -> pb.PutPolicyResponse:
+            source = convert.policy_source_from_proto(request)
+            view, created = self._service.put_policy(source, current_actor())
+            return pb.PutPolicyResponse(policy=convert.policy_to_proto(view), created=created)
+
+        return await _handle("PutPolicy", context, call)
+
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Policy:
+        async def call() -> pb.Policy:
+            return convert.policy_to_proto(self._service.get_policy(request.version))
+
+        return await _handle("GetPolicy", context, call)
+
+    async def ListPolicies(
+        self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPoliciesResponse:
+        async def call() -> pb.ListPoliciesResponse:
+            return convert.catalog_to_proto(self._service.list_policies())
+
+        return await _handle("ListPolicies", context, call)
+
+    async def ActivatePolicy(
+        self, request: pb.ActivatePolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Policy:
+        async def call() -> pb.Policy:
+            view = self._service.activate_policy(request.version, current_actor())
+            return convert.policy_to_proto(view)
+
+        return await _handle("ActivatePolicy", context, call)
+
+    async def PinPolicy(
+        self, request: pb.PinPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Policy:
+        async def call() -> pb.Policy:
+            selector = convert.selector_from_proto(request.selector)
+            view = self._service.pin_policy(request.version, selector, current_actor())
+            return convert.policy_to_proto(view)
+
+        return await _handle("PinPolicy", context, call)
+
+    async def UnpinPolicy(
+        self, request: pb.UnpinPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnpinPolicyResponse:
+        async def call() -> pb.UnpinPolicyResponse:
+            selector = convert.selector_from_proto(request.selector)
+            removed = self._service.unpin_policy(selector, current_actor())
+            return pb.UnpinPolicyResponse(unpinned=removed)
+
+        return await _handle("UnpinPolicy", context, call)
+
+    async def SetShadowPolicy(
+        self, request: pb.SetShadowPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPoliciesResponse:
+        async def call() -> pb.ListPoliciesResponse:
+            catalog = self._service.set_shadow_policy(request.version, current_actor())
+            return convert.catalog_to_proto(catalog)
+
+        return await _handle("SetShadowPolicy", context, call)
+
+    async def GetShadowSummary(
+        self, request: pb.GetShadowSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ShadowSummary:
+        async def call() -> pb.ShadowSummary:
+            summary = self._service.shadow_summary(request.version)
+            return convert.shadow_summary_to_proto(summary)
+
+        return await _handle("GetShadowSummary", context, call)

@@ -8,12 +8,14 @@ server costs a training at most the deadline per epoch and changes nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -23,7 +25,14 @@ from trainer_client.api import control_pb2, control_pb2_grpc
 from trainer_client.config import ClientConfig
 from trainer_client.errors import ControlError, ControlProtocolError, from_rpc_error
 
-__all__ = ["DEFAULT_LOSS_WEIGHTS", "LABEL_KEYS", "ControlClient", "RunState"]
+__all__ = [
+    "DEFAULT_LOSS_WEIGHTS",
+    "LABEL_KEYS",
+    "ControlClient",
+    "RunState",
+    "channel_credentials",
+    "open_channel",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +98,54 @@ def channel_options(config: ClientConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
     ]
+
+
+def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials for `config` (CA, client certificate), or None for plaintext.
+
+    Raises `ControlError` naming the setting when a file cannot be read.
+    """
+    if not config.use_tls:
+        return None
+
+    def read(path: Path | None, setting: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise ControlError(f"cannot read {setting} file {path}: {error.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(config.tls_ca, "TRAINCTL_TLS_CA"),
+        private_key=read(config.tls_key, "TRAINCTL_TLS_KEY"),
+        certificate_chain=read(config.tls_cert, "TRAINCTL_TLS_CERT"),
+    )
+
+
+def open_channel(config: ClientConfig) -> grpc.Channel:
+    """A channel to ``config.target``: TLS when configured, with `channel_options`."""
+    credentials = channel_credentials(config)
+    options = channel_options(config)
+    if credentials is not None:
+        return grpc.secure_channel(config.target, credentials, options=options)
+    if config.token and not _is_loopback(config.target):
+        logger.warning(
+            "sending a bearer token to %s without TLS: anyone on the path can read it; "
+            "set TRAINCTL_TLS_CA (or TRAINCTL_TLS=1)",
+            config.target,
+        )
+    return grpc.insecure_channel(config.target, options=options)
+
+
+def _is_loopback(target: str) -> bool:
+    host = target.split("///", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ControlClient:
@@ -174,9 +231,7 @@ class ControlClient:
             if self._stub is None or self._pid != pid:
                 # A channel inherited through fork() is unusable in the child;
                 # leave it to the parent and start our own.
-                self._channel = grpc.insecure_channel(
-                    self._config.target, options=channel_options(self._config)
-                )
+                self._channel = open_channel(self._config)
                 self._stub = control_pb2_grpc.TrainingControlStub(self._channel)
                 self._pid = pid
             return self._stub

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_DEADLINE_S = 2.0
@@ -34,6 +35,20 @@ class ClientConfig:
     token: str | None = field(default=None, repr=False)
     #: Send and receive limit per message (TRAINCTL_MAX_MESSAGE_BYTES).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Use TLS, verifying the server against the system's roots (TRAINCTL_TLS); implied
+    #: by any of the TLS files below.
+    tls: bool = False
+    #: PEM CA bundle to verify the server with, instead of the system's (TRAINCTL_TLS_CA).
+    tls_ca: Path | None = None
+    #: PEM client certificate chain and key, for servers that require one
+    #: (TRAINCTL_TLS_CERT, TRAINCTL_TLS_KEY).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def use_tls(self) -> bool:
+        """True when the channel must be TLS: asked for, or a TLS file is given."""
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
 
     def __post_init__(self) -> None:
         if not self.target or any(c.isspace() for c in self.target):
@@ -48,6 +63,11 @@ class ClientConfig:
         if self.max_message_bytes <= 0:
             raise ValueError(
                 f"max_message_bytes must be a positive integer, but got {self.max_message_bytes!r}."
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                "tls_cert and tls_key must be set together, but got "
+                f"tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}."
             )
 
     @classmethod
@@ -67,6 +87,20 @@ class ClientConfig:
         token = get("TRAINCTL_TOKEN")
         if token is not None and any(c.isspace() for c in token):
             raise ValueError("TRAINCTL_TOKEN must contain no whitespace.")
+        files = {
+            name: Path(value)
+            for name in ("TRAINCTL_TLS_CA", "TRAINCTL_TLS_CERT", "TRAINCTL_TLS_KEY")
+            if (value := get(name)) is not None
+        }
+        if ("TRAINCTL_TLS_CERT" in files) != ("TRAINCTL_TLS_KEY" in files):
+            raise ValueError("TRAINCTL_TLS_CERT and TRAINCTL_TLS_KEY must be set together.")
+        tls_raw = get("TRAINCTL_TLS")
+        tls = _boolean("TRAINCTL_TLS", tls_raw, default=False)
+        if files and tls_raw is not None and not tls:
+            raise ValueError(
+                f"TRAINCTL_TLS={tls_raw} contradicts {', '.join(sorted(files))}: "
+                "TLS files need TLS."
+            )
         return cls(
             target=target,
             run_id=get("TRAINCTL_RUN_ID"),
@@ -78,6 +112,10 @@ class ClientConfig:
                 "TRAINCTL_MAX_MESSAGE_BYTES", get("TRAINCTL_MAX_MESSAGE_BYTES")
             )
             or DEFAULT_MAX_MESSAGE_BYTES,
+            tls=tls,
+            tls_ca=files.get("TRAINCTL_TLS_CA"),
+            tls_cert=files.get("TRAINCTL_TLS_CERT"),
+            tls_key=files.get("TRAINCTL_TLS_KEY"),
         )
 
 

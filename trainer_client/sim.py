@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from trainer_client.api import control_pb2
 from trainer_client.client import ControlClient, RunState
@@ -287,6 +288,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--delay", type=float, default=0.0, help="seconds to sleep between epochs (demo pacing)"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=None,
+        help="use TLS with the system's CA roots (TRAINCTL_TLS)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        help="PEM CA to verify the server with; implies TLS (TRAINCTL_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, help="PEM client certificate, with --tls-key (TRAINCTL_TLS_CERT)"
+    )
+    parser.add_argument("--tls-key", type=Path, help="PEM client key (TRAINCTL_TLS_KEY)")
     return parser
 
 
@@ -302,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "run_id": args.run_id,
             "deadline_s": args.deadline,
             "fail_open": args.fail_open,
+            "tls": args.tls,
+            "tls_ca": args.tls_ca,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
         }
         config = replace(config, **{k: v for k, v in flags.items() if v is not None})
         run = SimulatedRun(
@@ -326,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(
         f"run {run.state.run_id}: scenario={run.scenario} epochs={run.epochs} "
-        f"server={config.target} fail_open={config.fail_open}",
+        f"server={config.target} fail_open={config.fail_open} tls={config.use_tls} "
+        f"token={'set' if config.token else 'none'}",
         flush=True,
     )
     print(_HEADER, flush=True)

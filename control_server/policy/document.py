@@ -121,6 +121,20 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+def integer_fields() -> frozenset[str]:
+    """Dotted paths of the fields that must be integers (e.g. ``plateau.patience``).
+
+    Formats without integers (protobuf's Struct carries every number as a double)
+    convert integral numbers at these paths before `parse_policy`.
+    """
+    return frozenset(
+        f"{section}.{f.name}"
+        for section, cls in _SECTIONS.items()
+        for f in fields(cls)
+        if f.type in ("int", int)
+    )
+
+
 def parse_policy(data: Any) -> PolicyDoc:
     """Validate plain data (parsed YAML/JSON) into a PolicyDoc; raise PolicyError."""
     if data is None:

@@ -2,23 +2,31 @@
 
 Methods are synchronous and thread-safe: reads may be called from the event
 loop thread, `record_decisions` from the group-commit writer thread. Each
-backend keeps one connection per thread.
+backend keeps one connection per thread. Timestamps come back timezone-aware (UTC).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from control_server.domain import (
     Decision,
+    DecisionFilter,
+    DecisionPage,
     DecisionRecord,
+    Override,
+    PolicyPin,
     PolicyVersion,
     Report,
     RunContext,
     RunFilter,
+    RunLabels,
+    RunSelector,
     RunSummary,
+    ShadowSummary,
 )
 
 
@@ -26,21 +34,81 @@ class Store(ABC):
     """Durable record of runs, reports, decisions, overrides, policies and admin events."""
 
     @abstractmethod
-    def record_decisions(self, records: Sequence[DecisionRecord]) -> list[Decision]:
+    def record_decisions(self, records: Sequence[DecisionRecord]) -> list[Decision | None]:
         """Write all records in ONE transaction, durable on return.
 
         Idempotent per (run_id, epoch): when a decision for that key is already
         stored (earlier, or earlier in this batch), nothing is written for the
-        record and the stored decision is returned in its place. Returns one
-        decision per record, in order. Raises StoreUnavailable when the write
-        fails; then nothing of the batch is stored.
+        record and the stored decision is returned in its place.
+
+        A newly stored decision's `consumed_override` is cleared in the same
+        transaction (cleared_at = the decision's decided_at, cleared_by =
+        "consumed by epoch N"). When that override is no longer active (another
+        report consumed it, an operator cleared or replaced it), nothing of the
+        record is stored and None is returned in its place: the caller decides
+        again. This is what makes a `once` override apply exactly once.
+
+        The record's `shadow` decision and `shadow_state` are stored beside a
+        newly stored decision, never for a duplicate.
+
+        Returns one entry per record, in order. Raises StoreUnavailable when the
+        write fails; then nothing of the batch is stored.
         """
 
     @abstractmethod
-    def load_context(self, run_id: str, epoch: int) -> RunContext:
-        """What deciding (run_id, epoch) needs: the decision already stored for it,
-        the policy state after the latest stored epoch before it, the active
-        policy version and the run's active override."""
+    def load_context(self, run_id: str, epoch: int, labels: RunLabels | None = None) -> RunContext:
+        """What deciding (run_id, epoch) needs, in one read: the decision already
+        stored for it, the latest stored epoch before it and the policy state
+        after that epoch (and the shadow state stored there, when it came from the
+        current shadow version), the active and shadow versions, the version of
+        the most specific pin matching `labels` (ties: the most recently pinned;
+        None labels: no pin), and the run's active override."""
+
+    @abstractmethod
+    def latest_decision_seq(self) -> int:
+        """The sequence number of the latest committed decision (0: none yet)."""
+
+    @abstractmethod
+    def decisions_after(
+        self, cursor: int, decision_filter: DecisionFilter, limit: int
+    ) -> DecisionPage:
+        """Decisions matching the filter (run, action, source; not its times or
+        limit) with a sequence number above `cursor`, in commit order, at most
+        `limit`. Sequence numbers grow in commit order: a decision committed after
+        this read always gets one above the returned cursor."""
+
+    @abstractmethod
+    def list_decisions(self, decision_filter: DecisionFilter) -> list[Decision]:
+        """Decisions matching the filter, oldest first (decided_at, then commit order)."""
+
+    @abstractmethod
+    def shadow_decisions(self, run_id: str) -> list[Decision]:
+        """A run's shadow decisions in epoch order."""
+
+    @abstractmethod
+    def shadow_summary(self, version: str) -> ShadowSummary:
+        """How often `version`, as shadow, decided differently from the real decision
+        (a different action, LR or weight map), by "REAL->SHADOW" action pair."""
+
+    # --- overrides ---------------------------------------------------------------------
+
+    @abstractmethod
+    def set_override(self, override: Override) -> Override:
+        """Store a new active override for its run and return it with its id.
+
+        Clears the run's previous active override in the same transaction
+        (cleared_at = the new one's created_at, cleared_by = "replaced by
+        override N"). `override.created_at` must be set.
+        """
+
+    @abstractmethod
+    def clear_override(self, run_id: str, actor: str, at: datetime) -> Override | None:
+        """Clear the run's active override; return it as cleared, or None if none was."""
+
+    @abstractmethod
+    def list_overrides(self, run_id: str = "", *, include_cleared: bool = False) -> list[Override]:
+        """Overrides of one run (empty: every run), oldest first; active ones only
+        unless `include_cleared` (then consumed and replaced ones too)."""
 
     @abstractmethod
     def put_policy(self, policy: PolicyVersion) -> PolicyVersion:
@@ -63,6 +131,29 @@ class Store(ABC):
     @abstractmethod
     def active_policy(self) -> str | None:
         """The active version, or None before any activation."""
+
+    @abstractmethod
+    def set_shadow_policy(self, version: str | None, actor: str, at: datetime) -> None:
+        """Shadow a stored version (None: stop shadowing). Raises NotFound for an
+        unknown version."""
+
+    @abstractmethod
+    def shadow_policy(self) -> str | None:
+        """The shadow version, or None."""
+
+    @abstractmethod
+    def pin_policy(self, pin: PolicyPin) -> PolicyPin:
+        """Pin a stored version to a selector, replacing any pin of the same
+        selector (its pinned_at makes it the most recent). Raises NotFound for an
+        unknown version."""
+
+    @abstractmethod
+    def unpin_policy(self, selector: RunSelector) -> bool:
+        """Remove the pin of exactly this selector; False when there was none."""
+
+    @abstractmethod
+    def list_pins(self) -> list[PolicyPin]:
+        """Every pin, oldest first."""
 
     @abstractmethod
     def list_runs(self, run_filter: RunFilter) -> list[RunSummary]:

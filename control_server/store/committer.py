@@ -15,12 +15,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from control_server.domain import Decision, DecisionRecord, StoreUnavailable
+from control_server.domain import Decision, DecisionRecord, StaleContext, StoreUnavailable
 from control_server.store.base import Store
 
 logger = logging.getLogger(__name__)
 
 _Outcome = Decision | BaseException
+_STALE = "override {} was consumed or cleared before the decision using it was stored"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,8 @@ class GroupCommitter:
     async def submit(self, record: DecisionRecord) -> Decision:
         """Queue one record and wait until its batch is durable; return the stored decision.
 
-        Raises StoreUnavailable when the batch's write failed or the committer is closed.
+        Raises StoreUnavailable when the batch's write failed or the committer is
+        closed, StaleContext when the store refused the record (decide it again).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
@@ -108,11 +110,15 @@ class GroupCommitter:
     def _commit(self, batch: list[_Pending]) -> None:
         outcomes: list[_Outcome]
         try:
-            outcomes = list(self._store.record_decisions([p.record for p in batch]))
-            if len(outcomes) != len(batch):
+            stored = self._store.record_decisions([p.record for p in batch])
+            if len(stored) != len(batch):
                 raise RuntimeError(
-                    f"store returned {len(outcomes)} decisions for {len(batch)} records"
+                    f"store returned {len(stored)} decisions for {len(batch)} records"
                 )
+            outcomes = [
+                d if d is not None else StaleContext(_STALE.format(p.record.consumed_override))
+                for p, d in zip(batch, stored, strict=True)
+            ]
             self.batches += 1
             self.rows += len(batch)
         except StoreUnavailable as exc:

@@ -14,24 +14,31 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from control_server.domain import (
     Action,
     Decision,
+    DecisionFilter,
+    DecisionPage,
     DecisionRecord,
     NotFound,
     Override,
+    PolicyPin,
     PolicyVersion,
     Report,
     RunContext,
     RunFilter,
     RunLabels,
+    RunSelector,
     RunSummary,
+    ShadowSummary,
     Source,
     StoreUnavailable,
     frozen_map,
@@ -48,9 +55,10 @@ _MIGRATION_NAME = re.compile(r"(\d{4})_\w+\.sql")
 
 # Column lists shared by the queries and the row mappers below (order matters).
 _LABELS = "dataset, configuration, fold, trainer, plans, host"
+# Also the columns of shadow_decisions.
 _DECISION = (
     "decision_id, run_id, epoch, action, source, reason, policy_version, decided_at, "
-    "lr, loss_weights, intervention_index"
+    "lr, loss_weights, intervention_index, override_id, previous_epoch"
 )
 _REPORT = (
     "run_id, epoch, train_loss, val_loss, pseudo_dice, avg_gradient_norm, "
@@ -60,8 +68,9 @@ _RUN = (
     f"run_id, {_LABELS}, first_seen, last_seen, last_epoch, report_count, "
     "intervention_count, current_lr"
 )
-_OVERRIDE = "run_id, actor, reason, lr, weights, hold, once, created_at"
-_N_DECISION = 11
+_OVERRIDE = "id, run_id, actor, reason, lr, weights, hold, once, created_at, cleared_at, cleared_by"
+_PIN = "dataset, configuration, fold, version, pinned_at, actor"
+_N_DECISION = 13
 _N_REPORT = 16
 _N_RUN = 13
 # A run's summary fields that follow its newest epoch (a late, older report leaves them).
@@ -94,19 +103,42 @@ _UPSERT_RUN = (
     "last_epoch = max(runs.last_epoch, excluded.last_epoch), "
     "report_count = runs.report_count + 1"
 )
+_INSERT_SHADOW = (
+    f"INSERT INTO shadow_decisions ({_DECISION}, state) VALUES ({_marks(_N_DECISION + 1)})"
+)
+# A `once` override is consumed by the decision that used it, if nobody beat it to it.
+_CONSUME_OVERRIDE = (
+    "UPDATE overrides SET cleared_at = ?, cleared_by = ? WHERE id = ? AND cleared_at IS NULL"
+)
 _SELECT_DECISION = f"SELECT {_DECISION} FROM decisions WHERE run_id = ? AND epoch = ?"
-# The decision at `epoch` (if stored) and the latest one before it, by the unique index.
-_SELECT_CONTEXT_DECISIONS = (
-    f"SELECT {_DECISION}, state FROM decisions "
-    "WHERE run_id = ? AND epoch <= ? ORDER BY epoch DESC LIMIT 2"
+# Everything load_context needs in ONE statement (atomic without BEGIN/COMMIT; on the
+# ReportEpoch hot path each statement costs more than the lookups in it):
+# - the active, shadow and pinned versions and the run's latest uncleared override
+#   (partial index), in one row;
+# - the most specific pin matching the run's labels, ties to the most recently pinned
+#   (a scan: pins are few, and the OR-index plan SQLite picks otherwise is slower);
+# - joined to the decision at `epoch` (if stored) and the latest one before it (unique
+#   index), each with the shadow version and state stored beside it: 1 or 2 rows.
+_BEST_PIN = (
+    "SELECT id FROM policy_pins NOT INDEXED WHERE ? AND (dataset = '' OR dataset = ?) "
+    "AND (configuration = '' OR configuration = ?) AND (fold = '' OR fold = ?) "
+    "ORDER BY (dataset != '') + (configuration != '') + (fold != '') DESC, "
+    "pinned_at DESC, id DESC LIMIT 1"
 )
-# The active policy and the run's latest uncleared override (partial index), in one row.
-_SELECT_CONTEXT_REST = (
-    f"SELECT a.version, {_qualified('o', _OVERRIDE)} FROM (SELECT 1) AS one "
+_SELECT_CONTEXT = (
+    f"SELECT a.version, sp.version, pin.version, {_qualified('o', _OVERRIDE)}, d.* "
+    "FROM (SELECT 1) AS one "
     "LEFT JOIN active_policy AS a ON a.id = 1 "
+    "LEFT JOIN shadow_policy AS sp ON sp.id = 1 "
+    f"LEFT JOIN policy_pins AS pin ON pin.id = ({_BEST_PIN}) "
     "LEFT JOIN overrides AS o ON o.id = "
-    "(SELECT max(id) FROM overrides WHERE run_id = ? AND cleared_at IS NULL)"
+    "(SELECT max(id) FROM overrides WHERE run_id = ? AND cleared_at IS NULL) "
+    f"LEFT JOIN (SELECT {_qualified('d', _DECISION)}, d.state, s.policy_version, s.state "
+    "FROM decisions AS d LEFT JOIN shadow_decisions AS s "
+    "ON s.run_id = d.run_id AND s.epoch = d.epoch "
+    "WHERE d.run_id = ? AND d.epoch <= ? ORDER BY d.epoch DESC LIMIT 2) AS d ON 1"
 )
+_N_CONTEXT_HEAD = 3 + len(_OVERRIDE.split(","))
 _SELECT_RUNS = (
     f"SELECT {_qualified('r', _RUN)}, {_qualified('d', _DECISION)} FROM runs AS r "
     "LEFT JOIN decisions AS d ON d.run_id = r.run_id AND d.epoch = r.last_epoch"
@@ -210,17 +242,12 @@ class SqliteStore(Store):
 
     # --- decisions --------------------------------------------------------------------
 
-    def record_decisions(self, records: Sequence[DecisionRecord]) -> list[Decision]:
+    def record_decisions(self, records: Sequence[DecisionRecord]) -> list[Decision | None]:
         for record in records:
-            report, decision = record.report, record.decision
-            if (report.run_id, report.epoch) != (decision.run_id, decision.epoch):
-                raise ValueError(
-                    f"report ({report.run_id!r}, {report.epoch}) and decision "
-                    f"({decision.run_id!r}, {decision.epoch}) disagree"
-                )
+            _check_record(record)
         if not records:
             return []
-        results: list[Decision] = []
+        results: list[Decision | None] = []
         reports: list[tuple[Any, ...]] = []
         runs: list[tuple[Any, ...]] = []
         with self._transaction(write=True) as conn:
@@ -231,6 +258,31 @@ class SqliteStore(Store):
                     _INSERT_DECISION, (*_decision_row(decision, decided_at), record.state)
                 )
                 if cursor.rowcount == 1:
+                    if record.consumed_override is not None:
+                        consumed = conn.execute(
+                            _CONSUME_OVERRIDE,
+                            (
+                                decided_at,
+                                f"consumed by epoch {decision.epoch}",
+                                record.consumed_override,
+                            ),
+                        )
+                        if consumed.rowcount != 1:
+                            # Used up or cleared meanwhile: this decision must not stand.
+                            conn.execute(
+                                "DELETE FROM decisions WHERE decision_id = ?",
+                                (decision.decision_id,),
+                            )
+                            results.append(None)
+                            continue
+                    if record.shadow is not None:
+                        conn.execute(
+                            _INSERT_SHADOW,
+                            (
+                                *_decision_row(record.shadow, _ts(record.shadow.decided_at)),
+                                record.shadow_state,
+                            ),
+                        )
                     reports.append(_report_row(record.report))
                     runs.append(_run_row(record.report, decided_at))
                     results.append(decision)
@@ -247,17 +299,172 @@ class SqliteStore(Store):
                 conn.executemany(_UPSERT_RUN, runs)
         return results
 
-    def load_context(self, run_id: str, epoch: int) -> RunContext:
-        with self._transaction() as conn:
-            rows = conn.execute(_SELECT_CONTEXT_DECISIONS, (run_id, epoch)).fetchall()
-            rest = conn.execute(_SELECT_CONTEXT_REST, (run_id,)).fetchone()
+    def load_context(self, run_id: str, epoch: int, labels: RunLabels | None = None) -> RunContext:
+        pin_params = (
+            (1, labels.dataset, labels.configuration, labels.fold)
+            if labels is not None
+            else (0, "", "", "")
+        )
+        try:
+            rows = (
+                self._connection()
+                .execute(_SELECT_CONTEXT, (*pin_params, run_id, run_id, epoch))
+                .fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
+        head = rows[0][:_N_CONTEXT_HEAD]
+        active, shadow, pinned = head[0], head[1], head[2]
+        override = _override_from(head[3:]) if head[3] is not None else None
+        # Decision columns, then its state, shadow version and shadow state; None: none.
+        decisions = [row[_N_CONTEXT_HEAD:] for row in rows if row[_N_CONTEXT_HEAD] is not None]
         existing: Decision | None = None
-        if rows and rows[0][2] == epoch:
-            existing = _decision_from(rows[0])
-            rows = rows[1:]
-        previous_state: str | None = rows[0][_N_DECISION] if rows else None
-        override = _override_from(rest[1:]) if rest[1] is not None else None
-        return RunContext(existing, previous_state, rest[0], override)
+        if decisions and decisions[0][2] == epoch:
+            existing = _decision_from(decisions[0])
+            decisions = decisions[1:]
+        previous_epoch: int | None = None
+        previous_state: str | None = None
+        previous_shadow_state: str | None = None
+        if decisions:
+            previous_epoch = decisions[0][2]
+            previous_state = decisions[0][_N_DECISION]
+            if shadow is not None and decisions[0][_N_DECISION + 1] == shadow:
+                previous_shadow_state = decisions[0][_N_DECISION + 2]
+        return RunContext(
+            existing=existing,
+            previous_state=previous_state,
+            previous_epoch=previous_epoch,
+            active_policy=active,
+            override=override,
+            pinned_policy=pinned,
+            shadow_policy=shadow,
+            previous_shadow_state=previous_shadow_state,
+        )
+
+    def latest_decision_seq(self) -> int:
+        with self._transaction() as conn:
+            return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM decisions").fetchone()[0])
+
+    def decisions_after(
+        self, cursor: int, decision_filter: DecisionFilter, limit: int
+    ) -> DecisionPage:
+        where, params = _decision_where(replace(decision_filter, since=None, until=None))
+        sql = f"SELECT rowid, {_DECISION} FROM decisions WHERE rowid > ?"
+        sql += "".join(f" AND {w}" for w in where) + " ORDER BY rowid LIMIT ?"
+        with self._transaction() as conn:
+            rows = conn.execute(sql, (cursor, *params, max(limit, 1))).fetchall()
+            if len(rows) < max(limit, 1):
+                # Same snapshot: nothing matching was committed up to the latest rowid.
+                latest = conn.execute("SELECT coalesce(max(rowid), 0) FROM decisions")
+                next_cursor = max(cursor, int(latest.fetchone()[0]))
+            else:
+                next_cursor = int(rows[-1][0])
+        return DecisionPage(tuple(_decision_from(r[1:]) for r in rows), next_cursor)
+
+    def list_decisions(self, decision_filter: DecisionFilter) -> list[Decision]:
+        where, params = _decision_where(decision_filter)
+        sql = f"SELECT {_DECISION} FROM decisions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY decided_at, rowid LIMIT ?"
+        limit = decision_filter.limit if decision_filter.limit > 0 else -1
+        with self._transaction() as conn:
+            rows = conn.execute(sql, (*params, limit)).fetchall()
+        return [_decision_from(r) for r in rows]
+
+    def shadow_decisions(self, run_id: str) -> list[Decision]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                f"SELECT {_DECISION} FROM shadow_decisions WHERE run_id = ? ORDER BY epoch",
+                (run_id,),
+            ).fetchall()
+        return [_decision_from(r) for r in rows]
+
+    def shadow_summary(self, version: str) -> ShadowSummary:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT d.action, s.action, "
+                "(s.action != d.action OR s.lr IS NOT d.lr OR s.loss_weights != d.loss_weights), "
+                "count(*) FROM shadow_decisions AS s JOIN decisions AS d "
+                "ON d.run_id = s.run_id AND d.epoch = s.epoch "
+                "WHERE s.policy_version = ? GROUP BY 1, 2, 3",
+                (version,),
+            ).fetchall()
+        evaluated = differed = 0
+        by_transition: dict[str, int] = {}
+        for real, shadow, differs, n in rows:
+            evaluated += n
+            if differs:
+                differed += n
+                key = f"{real}->{shadow}"
+                by_transition[key] = by_transition.get(key, 0) + n
+        return ShadowSummary(
+            version, evaluated, differed, MappingProxyType(dict(sorted(by_transition.items())))
+        )
+
+    # --- overrides --------------------------------------------------------------------
+
+    def set_override(self, override: Override) -> Override:
+        if override.created_at is None:
+            raise ValueError("set_override needs an override with created_at set")
+        created_at = _ts(override.created_at)
+        with self._transaction(write=True) as conn:
+            cursor = conn.execute(
+                "INSERT INTO overrides (run_id, actor, reason, lr, weights, hold, once, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    override.run_id,
+                    override.actor,
+                    override.reason,
+                    _real(override.lr),
+                    _dump_weights(override.loss_weights),
+                    int(override.hold_interventions),
+                    int(override.once),
+                    created_at,
+                ),
+            )
+            new_id = cursor.lastrowid
+            conn.execute(
+                "UPDATE overrides SET cleared_at = ?, cleared_by = ? "
+                "WHERE run_id = ? AND cleared_at IS NULL AND id != ?",
+                (created_at, f"replaced by override {new_id}", override.run_id, new_id),
+            )
+            row = conn.execute(
+                f"SELECT {_OVERRIDE} FROM overrides WHERE id = ?", (new_id,)
+            ).fetchone()
+        return _override_from(row)
+
+    def clear_override(self, run_id: str, actor: str, at: datetime) -> Override | None:
+        with self._transaction(write=True) as conn:
+            row = conn.execute(
+                "SELECT max(id) FROM overrides WHERE run_id = ? AND cleared_at IS NULL", (run_id,)
+            ).fetchone()
+            if row[0] is None:
+                return None
+            conn.execute(
+                "UPDATE overrides SET cleared_at = ?, cleared_by = ? "
+                "WHERE run_id = ? AND cleared_at IS NULL",
+                (_ts(at), actor, run_id),
+            )
+            cleared = conn.execute(
+                f"SELECT {_OVERRIDE} FROM overrides WHERE id = ?", (row[0],)
+            ).fetchone()
+        return _override_from(cleared)
+
+    def list_overrides(self, run_id: str = "", *, include_cleared: bool = False) -> list[Override]:
+        where: list[str] = []
+        params: list[Any] = []
+        if run_id:
+            where.append("run_id = ?")
+            params.append(run_id)
+        if not include_cleared:
+            where.append("cleared_at IS NULL")
+        sql = f"SELECT {_OVERRIDE} FROM overrides"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._transaction() as conn:
+            rows = conn.execute(sql + " ORDER BY id", params).fetchall()
+        return [_override_from(r) for r in rows]
 
     # --- policies ---------------------------------------------------------------------
 
@@ -298,9 +505,7 @@ class SqliteStore(Store):
     def activate_policy(self, version: str, actor: str) -> None:
         now = _ts(datetime.now(UTC))
         with self._transaction(write=True) as conn:
-            known = conn.execute("SELECT 1 FROM policies WHERE version = ?", (version,))
-            if known.fetchone() is None:
-                raise NotFound(f"policy version {version!r} is not stored")
+            _require_policy(conn, version)
             row = conn.execute("SELECT version FROM active_policy WHERE id = 1").fetchone()
             conn.execute(
                 "INSERT INTO active_policy (id, version, activated_at, actor) VALUES (1, ?, ?, ?) "
@@ -322,6 +527,55 @@ class SqliteStore(Store):
         with self._transaction() as conn:
             row = conn.execute("SELECT version FROM active_policy WHERE id = 1").fetchone()
         return str(row[0]) if row is not None else None
+
+    def set_shadow_policy(self, version: str | None, actor: str, at: datetime) -> None:
+        with self._transaction(write=True) as conn:
+            if version is None:
+                conn.execute("DELETE FROM shadow_policy")
+                return
+            _require_policy(conn, version)
+            conn.execute(
+                "INSERT INTO shadow_policy (id, version, set_at, actor) VALUES (1, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET version = excluded.version, "
+                "set_at = excluded.set_at, actor = excluded.actor",
+                (version, _ts(at), actor),
+            )
+
+    def shadow_policy(self) -> str | None:
+        with self._transaction() as conn:
+            row = conn.execute("SELECT version FROM shadow_policy WHERE id = 1").fetchone()
+        return str(row[0]) if row is not None else None
+
+    def pin_policy(self, pin: PolicyPin) -> PolicyPin:
+        s = pin.selector
+        with self._transaction(write=True) as conn:
+            _require_policy(conn, pin.version)
+            conn.execute(
+                f"INSERT INTO policy_pins ({_PIN}) VALUES ({_marks(6)}) "
+                "ON CONFLICT (dataset, configuration, fold) DO UPDATE SET "
+                "version = excluded.version, pinned_at = excluded.pinned_at, "
+                "actor = excluded.actor",
+                (s.dataset, s.configuration, s.fold, pin.version, _ts(pin.pinned_at), pin.actor),
+            )
+            row = conn.execute(
+                f"SELECT {_PIN} FROM policy_pins "
+                "WHERE dataset = ? AND configuration = ? AND fold = ?",
+                (s.dataset, s.configuration, s.fold),
+            ).fetchone()
+        return _pin_from(row)
+
+    def unpin_policy(self, selector: RunSelector) -> bool:
+        with self._transaction(write=True) as conn:
+            cursor = conn.execute(
+                "DELETE FROM policy_pins WHERE dataset = ? AND configuration = ? AND fold = ?",
+                (selector.dataset, selector.configuration, selector.fold),
+            )
+        return cursor.rowcount == 1
+
+    def list_pins(self) -> list[PolicyPin]:
+        with self._transaction() as conn:
+            rows = conn.execute(f"SELECT {_PIN} FROM policy_pins ORDER BY pinned_at, id").fetchall()
+        return [_pin_from(r) for r in rows]
 
     # --- runs -------------------------------------------------------------------------
 
@@ -557,6 +811,8 @@ def _decision_row(d: Decision, decided_at: str) -> tuple[Any, ...]:
         _real(d.lr),
         _dump_weights(d.loss_weights),
         d.intervention_index,
+        d.override_id,
+        d.previous_epoch,
     )
 
 
@@ -573,6 +829,8 @@ def _decision_from(row: Sequence[Any]) -> Decision:
         lr=_opt_float(row[8]),
         loss_weights=_weights(row[9]),
         intervention_index=row[10],
+        override_id=row[11],
+        previous_epoch=row[12],
     )
 
 
@@ -638,15 +896,60 @@ def _summary_from(row: Sequence[Any]) -> RunSummary:
 
 def _override_from(row: Sequence[Any]) -> Override:
     return Override(
-        run_id=row[0],
-        actor=row[1],
-        reason=row[2],
-        lr=_opt_float(row[3]),
-        loss_weights=_weights(row[4]),
-        hold_interventions=bool(row[5]),
-        once=bool(row[6]),
-        created_at=_dt(row[7]),
+        override_id=row[0],
+        run_id=row[1],
+        actor=row[2],
+        reason=row[3],
+        lr=_opt_float(row[4]),
+        loss_weights=_weights(row[5]),
+        hold_interventions=bool(row[6]),
+        once=bool(row[7]),
+        created_at=_dt(row[8]),
+        cleared_at=None if row[9] is None else _dt(row[9]),
+        cleared_by=row[10],
     )
+
+
+def _pin_from(row: Sequence[Any]) -> PolicyPin:
+    return PolicyPin(
+        selector=RunSelector(dataset=row[0], configuration=row[1], fold=row[2]),
+        version=row[3],
+        pinned_at=_dt(row[4]),
+        actor=row[5],
+    )
+
+
+def _require_policy(conn: sqlite3.Connection, version: str) -> None:
+    if conn.execute("SELECT 1 FROM policies WHERE version = ?", (version,)).fetchone() is None:
+        raise NotFound(f"policy version {version!r} is not stored")
+
+
+def _check_record(record: DecisionRecord) -> None:
+    if (record.shadow is None) != (record.shadow_state is None):
+        raise ValueError("a shadow decision and its shadow_state come together")
+    key = (record.report.run_id, record.report.epoch)
+    for what, d in (("decision", record.decision), ("shadow decision", record.shadow)):
+        if d is not None and (d.run_id, d.epoch) != key:
+            raise ValueError(
+                f"report ({key[0]!r}, {key[1]}) and {what} ({d.run_id!r}, {d.epoch}) disagree"
+            )
+
+
+def _decision_where(f: DecisionFilter) -> tuple[list[str], list[Any]]:
+    """SQL conditions (and their parameters) of a decision filter, limit aside."""
+    where: list[str] = []
+    params: list[Any] = []
+    for condition, value in (
+        ("run_id = ?", f.run_id or None),
+        ("action = ?", f.action.value if f.action is not None else None),
+        ("source = ?", f.source.value if f.source is not None else None),
+        ("decided_at >= ?", _ts(f.since) if f.since is not None else None),
+        ("decided_at < ?", _ts(f.until) if f.until is not None else None),
+    ):
+        if value is not None:
+            where.append(condition)
+            params.append(value)
+    return where, params
 
 
 def _policy_from(row: Sequence[Any]) -> PolicyVersion:

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from control_server.domain import Override, RunFilter, StoreUnavailable, frozen_map
+from control_server.domain import (
+    DecisionFilter,
+    Override,
+    RunFilter,
+    StoreUnavailable,
+    frozen_map,
+)
 from control_server.store import SqliteStore, open_store
 from control_server.store.sqlite import MIGRATIONS
 from tests.integration.test_store_contract import T0, make_record
@@ -47,8 +53,13 @@ def _raw(db: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[obje
         conn.close()
 
 
+SHIPPED = [(1, "0001_initial.sql"), (2, "0002_operators.sql")]
+LATEST = len(SHIPPED)
+
+
 def test_migrations_ship_with_the_package() -> None:
-    assert MIGRATIONS.joinpath("0001_initial.sql").is_file()
+    for _, name in SHIPPED:
+        assert MIGRATIONS.joinpath(name).is_file()
 
 
 def test_pragmas(store: SqliteStore, db: Path) -> None:
@@ -57,7 +68,7 @@ def test_pragmas(store: SqliteStore, db: Path) -> None:
     assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
     assert conn.execute("PRAGMA busy_timeout").fetchone() == (5000,)
-    assert _raw(db, "SELECT version, name FROM schema_version") == [(1, "0001_initial.sql")]
+    assert _raw(db, "SELECT version, name FROM schema_version ORDER BY version") == SHIPPED
 
 
 def test_data_survives_close_and_reopen(db: Path) -> None:
@@ -69,15 +80,15 @@ def test_data_survives_close_and_reopen(db: Path) -> None:
     again = open_store(f"sqlite:///{db}")
     try:
         assert again.load_context("run-a", 7).existing == record.decision
-        assert again.schema_version() == 1
+        assert again.schema_version() == LATEST
     finally:
         again.close()
 
 
 def test_a_newer_schema_is_refused(db: Path) -> None:
     SqliteStore(db).close()
-    _raw(db, "INSERT INTO schema_version (version, name, applied_at) VALUES (2, 'x', 'now')")
-    with pytest.raises(StoreUnavailable, match=r"schema version 2 is newer .* knows \(1\)"):
+    _raw(db, "INSERT INTO schema_version (version, name, applied_at) VALUES (3, 'x', 'now')")
+    with pytest.raises(StoreUnavailable, match=r"schema version 3 is newer .* knows \(2\)"):
         SqliteStore(db)
 
 
@@ -85,7 +96,7 @@ def test_a_second_migration_is_applied_once(db: Path, migrations: Path) -> None:
     old = SqliteStore(db)
     old.record_decisions([make_record("run-a", 0)])
     old.close()
-    (migrations / "0002_run_notes.sql").write_text(
+    (migrations / "0003_run_notes.sql").write_text(
         "-- a later change; semicolons in 'strings;' are fine\n"
         "ALTER TABLE runs ADD COLUMN note TEXT NOT NULL DEFAULT 'a;b';\n"
         "CREATE INDEX runs_by_note ON runs (note);\n",
@@ -95,30 +106,92 @@ def test_a_second_migration_is_applied_once(db: Path, migrations: Path) -> None:
     for _ in range(2):
         store = SqliteStore(db, migrations=migrations)
         try:
-            assert store.schema_version() == 2
+            assert store.schema_version() == 3
             assert store.load_context("run-a", 0).existing is not None
         finally:
             store.close()
     assert _raw(db, "SELECT note FROM runs") == [("a;b",)]
-    assert _raw(db, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert _raw(db, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
     with pytest.raises(StoreUnavailable, match="newer"):
-        SqliteStore(db)  # the packaged code knows only 0001
+        SqliteStore(db)  # the packaged code knows only 0001 and 0002
+
+
+def test_a_populated_0001_database_upgrades_to_the_operators_schema(
+    db: Path, tmp_path: Path
+) -> None:
+    only_first = tmp_path / "only-0001"
+    only_first.mkdir()
+    (only_first / "0001_initial.sql").write_text(
+        MIGRATIONS.joinpath("0001_initial.sql").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    SqliteStore(db, migrations=only_first).close()
+    at = "2025-03-04T05:06:07.123456+00:00"
+    # What a 0001 server wrote: a run, its report and decision, and an override.
+    _raw(
+        db,
+        "INSERT INTO runs (run_id, first_seen, last_seen, last_epoch, report_count, "
+        "intervention_count, current_lr) VALUES ('run-a', ?, ?, 3, 2, 0, 0.01)",
+        (at, at),
+    )
+    for epoch in (0, 3):
+        _raw(
+            db,
+            "INSERT INTO reports (run_id, epoch, train_loss, intervention_count, current_lr, "
+            "initial_lr, loss_weights) VALUES ('run-a', ?, 0.5, 0, 0.01, 0.01, '{}')",
+            (epoch,),
+        )
+        _raw(
+            db,
+            "INSERT INTO decisions (decision_id, run_id, epoch, action, source, reason, "
+            "policy_version, decided_at, lr, loss_weights, intervention_index, state) "
+            "VALUES (?, 'run-a', ?, 'NONE', 'POLICY', 'fine', 'v1', ?, NULL, '{}', 0, '{}')",
+            (f"d-old-{epoch}", epoch, at),
+        )
+    _raw(
+        db,
+        "INSERT INTO overrides (run_id, actor, reason, lr, weights, hold, once, created_at) "
+        "VALUES ('run-a', 'alice', 'old', 0.1, '{}', 0, 0, ?)",
+        (at,),
+    )
+
+    store = SqliteStore(db)
+    try:
+        assert store.schema_version() == LATEST
+        existing = store.load_context("run-a", 3).existing
+        assert existing is not None
+        assert (existing.decision_id, existing.override_id, existing.decided_at) == (
+            "d-old-3",
+            None,
+            T0,
+        )
+        # Old decisions continued from their predecessor in epoch order.
+        assert existing.previous_epoch == 0
+        assert store.load_context("run-a", 4).previous_epoch == 3
+        [override] = store.list_overrides("run-a")
+        assert (override.override_id, override.actor, override.cleared_by) == (1, "alice", "")
+        page = store.decisions_after(0, DecisionFilter(), 10)
+        assert [d.decision_id for d in page.decisions] == ["d-old-0", "d-old-3"]
+        assert page.decisions[0].previous_epoch is None
+        store.record_decisions([make_record("run-a", 4)])
+        store.check_integrity()
+    finally:
+        store.close()
 
 
 def test_a_failing_migration_changes_nothing(db: Path, migrations: Path) -> None:
     SqliteStore(db).close()
-    (migrations / "0002_broken.sql").write_text(
+    (migrations / "0003_broken.sql").write_text(
         "CREATE TABLE half_done (x INTEGER);\nALTER TABLE no_such_table ADD COLUMN y;\n",
         encoding="utf-8",
     )
     with pytest.raises(StoreUnavailable, match="no_such_table"):
         SqliteStore(db, migrations=migrations)
-    assert _raw(db, "SELECT max(version) FROM schema_version") == [(1,)]
+    assert _raw(db, "SELECT max(version) FROM schema_version") == [(LATEST,)]
     assert _raw(db, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
 
 
 def test_numbering_gaps_are_refused(db: Path, migrations: Path) -> None:
-    (migrations / "0003_skips_two.sql").write_text("SELECT 1;", encoding="utf-8")
+    (migrations / "0004_skips_three.sql").write_text("SELECT 1;", encoding="utf-8")
     with pytest.raises(RuntimeError, match="without gaps"):
         SqliteStore(db, migrations=migrations)
 
@@ -207,6 +280,7 @@ def test_the_active_override_is_the_latest_uncleared(store: SqliteStore, db: Pat
     _raw(db, insert, ("run-b", "dave", "other run", 0.2, "{}", 0, 0, at, None))
 
     assert store.load_context("run-a", 3).override == Override(
+        override_id=2,
         run_id="run-a",
         actor="bob",
         reason="newest",

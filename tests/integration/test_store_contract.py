@@ -18,12 +18,17 @@ import pytest
 from control_server.domain import (
     Action,
     Decision,
+    DecisionFilter,
     DecisionRecord,
     NotFound,
+    Override,
+    PolicyPin,
     PolicyVersion,
     Report,
+    RunContext,
     RunFilter,
     RunLabels,
+    RunSelector,
     Source,
     StoreUnavailable,
     frozen_map,
@@ -252,14 +257,26 @@ def test_load_context_reads_the_latest_state_before_the_epoch(store: Store) -> N
     assert store.load_context("run-c", 5).previous_state is None
 
 
+def test_decisions_keep_the_epoch_they_continued_from(store: Store) -> None:
+    store.record_decisions([make_record("run-a", 5)])
+    late = make_record("run-a", 2, previous_epoch=None)  # arrived after epoch 5
+    after = make_record("run-a", 6, previous_epoch=5)
+    store.record_decisions([late, after])
+
+    assert store.load_context("run-a", 7).previous_epoch == 6
+    assert store.load_context("run-a", 4).previous_epoch == 2
+    assert store.load_context("run-a", 2).previous_epoch is None
+    run = store.get_run("run-a")
+    assert run is not None
+    assert [(d.epoch, d.previous_epoch) for _, d in run[1]] == [(2, None), (5, None), (6, 5)]
+
+
 def test_load_context_on_an_empty_store(store: Store) -> None:
-    context = store.load_context("nobody", 0)
-    assert (context.existing, context.previous_state, context.active_policy, context.override) == (
-        None,
-        None,
-        None,
-        None,
-    )
+    empty = RunContext(existing=None, previous_state=None, active_policy=None)
+    assert store.load_context("nobody", 0) == empty
+    assert store.load_context("nobody", 0, LABELS) == empty
+    assert empty.pinned_policy is None and empty.shadow_policy is None
+    assert empty.override is None and empty.previous_shadow_state is None
 
 
 # --- runs ---------------------------------------------------------------------------
@@ -452,3 +469,347 @@ def test_a_closed_store_is_unavailable(store: Store) -> None:
     with pytest.raises(StoreUnavailable):
         store.load_context("run-a", 0)
     store.close()  # closing twice is harmless
+
+
+# --- overrides ----------------------------------------------------------------------
+
+
+def make_override(run_id: str = "run-a", at: int = 0, **fields: Any) -> Override:
+    values: dict[str, Any] = {
+        "actor": "alice",
+        "reason": "try a higher LR",
+        "lr": 0.02,
+        "created_at": T0 + timedelta(minutes=at),
+    }
+    values.update(fields)
+    return Override(run_id=run_id, **values)
+
+
+def test_set_override_stores_every_field_and_gives_an_id(store: Store) -> None:
+    wanted = make_override(
+        lr=None,
+        loss_weights=frozen_map({"dice": 0.5, "focal": 0.5}),
+        hold_interventions=True,
+        once=True,
+    )
+    stored = store.set_override(wanted)
+    assert stored.override_id is not None
+    assert stored == replace(wanted, override_id=stored.override_id)
+    assert stored.active and stored.cleared_by == ""
+    assert store.list_overrides("run-a") == [stored]
+    assert store.load_context("run-a", 0).override == stored
+
+
+def test_a_new_override_replaces_the_active_one(store: Store) -> None:
+    first = store.set_override(make_override(at=0))
+    second = store.set_override(make_override(at=1, lr=0.03, actor="bob"))
+    other_run = store.set_override(make_override("run-b", at=2))
+    assert first.override_id is not None and second.override_id is not None
+    assert second.override_id > first.override_id
+
+    assert store.load_context("run-a", 0).override == second
+    assert store.list_overrides("run-a") == [second]
+    everything = store.list_overrides("run-a", include_cleared=True)
+    assert [o.override_id for o in everything] == [first.override_id, second.override_id]
+    replaced = everything[0]
+    assert replaced.cleared_at == second.created_at
+    assert replaced.cleared_by == f"replaced by override {second.override_id}"
+    assert store.list_overrides() == [second, other_run]
+
+
+def test_clear_override(store: Store) -> None:
+    active = store.set_override(make_override())
+    at = T0 + timedelta(hours=1)
+
+    cleared = store.clear_override("run-a", "bob", at)
+    assert cleared == replace(active, cleared_at=at, cleared_by="bob")
+    assert not cleared.active
+    assert store.load_context("run-a", 0).override is None
+    assert store.list_overrides("run-a") == []
+    assert store.list_overrides("run-a", include_cleared=True) == [cleared]
+    assert store.clear_override("run-a", "bob", at) is None
+    assert store.clear_override("nobody", "bob", at) is None
+
+
+def test_decisions_keep_the_override_they_were_made_under(store: Store) -> None:
+    held = store.set_override(make_override(hold_interventions=True))
+    record = make_record("run-a", 0, override_id=held.override_id, source=Source.OVERRIDE)
+    assert store.record_decisions([record]) == [record.decision]
+    assert store.load_context("run-a", 0).existing == record.decision
+    run = store.get_run("run-a")
+    assert run is not None and run[1][0][1].override_id == held.override_id
+    # A held override is not consumed.
+    assert store.load_context("run-a", 1).override == held
+
+
+def _once_record(epoch: int, override: Override, **fields: Any) -> DecisionRecord:
+    record = make_record(
+        override.run_id, epoch, override_id=override.override_id, source=Source.OVERRIDE, **fields
+    )
+    return replace(record, consumed_override=override.override_id)
+
+
+def test_a_once_override_is_consumed_by_the_decision_that_used_it(store: Store) -> None:
+    once = store.set_override(make_override(once=True))
+    record = _once_record(4, once)
+
+    assert store.record_decisions([record]) == [record.decision]
+
+    assert store.load_context("run-a", 5).override is None
+    [consumed] = store.list_overrides("run-a", include_cleared=True)
+    assert consumed.cleared_at == record.decision.decided_at
+    assert consumed.cleared_by == "consumed by epoch 4"
+
+
+def test_a_once_override_applies_exactly_once(store: Store) -> None:
+    once = store.set_override(make_override(once=True))
+    first, rival = _once_record(4, once), _once_record(5, once)
+
+    # Two epochs decided with the same once override, in one batch: only the first stands.
+    assert store.record_decisions([first, rival]) == [first.decision, None]
+    run = store.get_run("run-a")
+    assert run is not None
+    assert [d.epoch for _, d in run[1]] == [4]
+    assert run[0].report_count == 1
+    # ... and in a later batch too; a retry of the first gets its decision back.
+    assert store.record_decisions([rival, _once_record(4, once)]) == [None, first.decision]
+    assert store.load_context("run-a", 5).existing is None
+    [consumed] = store.list_overrides("run-a", include_cleared=True)
+    assert consumed.cleared_by == "consumed by epoch 4"
+
+
+def test_a_retry_consumes_nothing(store: Store) -> None:
+    store.record_decisions([make_record("run-a", 3)])
+    later = store.set_override(make_override(at=5, once=True))
+    # A report retried after the override was set gets the recorded decision;
+    # the override waits for the run's next report.
+    retry = _once_record(3, later)
+    [got] = store.record_decisions([retry])
+    assert got is not None and got.override_id is None
+    assert store.load_context("run-a", 4).override == later
+
+
+def test_a_decision_whose_once_override_was_cleared_meanwhile_is_refused(store: Store) -> None:
+    once = store.set_override(make_override(once=True))
+    store.clear_override("run-a", "bob", T0 + timedelta(minutes=1))
+    assert store.record_decisions([_once_record(0, once)]) == [None]
+    assert store.run_ids() == []
+    assert store.load_context("run-a", 0).existing is None
+    replaced = store.set_override(make_override(at=2, once=True))
+    store.set_override(make_override(at=3, once=True))
+    assert store.record_decisions([_once_record(0, replaced)]) == [None]
+    assert store.run_ids() == []
+
+
+# --- policy pins and the shadow version ----------------------------------------------
+
+
+def _pin(version: str, at: int, **selector: str) -> PolicyPin:
+    return PolicyPin(RunSelector(**selector), version, T0 + timedelta(minutes=at), "alice")
+
+
+def test_the_most_specific_matching_pin_wins(store: Store) -> None:
+    for version in ("v-active", "v-dataset", "v-config", "v-fold", "v-exact", "v-other"):
+        store.put_policy(make_policy(version))
+    store.activate_policy("v-active", actor="alice")
+    store.pin_policy(_pin("v-dataset", 0, dataset="Dataset042_Disc"))
+    store.pin_policy(_pin("v-config", 1, dataset="Dataset042_Disc", configuration="2d"))
+    store.pin_policy(_pin("v-fold", 2, fold="0"))
+    store.pin_policy(_pin("v-other", 3, dataset="Dataset999_Other"))
+
+    def pinned(**labels: str) -> str | None:
+        return store.load_context("run-a", 0, RunLabels(**labels)).pinned_policy
+
+    assert pinned(dataset="Dataset042_Disc", configuration="2d", fold="0") == "v-config"
+    assert pinned(dataset="Dataset042_Disc", configuration="3d_fullres", fold="0") == "v-fold"
+    assert pinned(dataset="Dataset042_Disc", configuration="3d_fullres", fold="1") == "v-dataset"
+    assert pinned(dataset="Dataset007_Lung", fold="0") == "v-fold"
+    assert pinned(dataset="Dataset007_Lung", fold="1") is None
+    assert store.load_context("run-a", 0).pinned_policy is None  # no labels, no pin
+    assert store.load_context("run-a", 0).active_policy == "v-active"
+
+    store.pin_policy(_pin("v-exact", 4, dataset="Dataset042_Disc", configuration="2d", fold="0"))
+    assert pinned(dataset="Dataset042_Disc", configuration="2d", fold="0") == "v-exact"
+
+
+def test_equally_specific_pins_go_to_the_most_recent(store: Store) -> None:
+    for version in ("v1", "v2"):
+        store.put_policy(make_policy(version))
+    store.pin_policy(_pin("v1", 5, configuration="2d"))
+    store.pin_policy(_pin("v2", 1, dataset="Dataset042_Disc"))
+    assert store.load_context("r", 0, LABELS).pinned_policy == "v1"
+    # Pinning the same selector again replaces it and makes it the most recent.
+    store.pin_policy(_pin("v2", 9, configuration="2d"))
+    assert store.load_context("r", 0, LABELS).pinned_policy == "v2"
+    assert [(p.selector, p.version) for p in store.list_pins()] == [
+        (RunSelector(dataset="Dataset042_Disc"), "v2"),
+        (RunSelector(configuration="2d"), "v2"),
+    ]
+
+
+def test_pin_and_unpin(store: Store) -> None:
+    store.put_policy(make_policy("v1"))
+    with pytest.raises(NotFound, match="v9"):
+        store.pin_policy(_pin("v9", 0, dataset="D"))
+    pin = _pin("v1", 0, dataset="D", fold="all")
+    assert store.pin_policy(pin) == pin
+    assert store.list_pins() == [pin]
+    assert store.unpin_policy(RunSelector(dataset="D")) is False  # selectors match exactly
+    assert store.unpin_policy(RunSelector(dataset="D", fold="all")) is True
+    assert store.unpin_policy(RunSelector(dataset="D", fold="all")) is False
+    assert store.list_pins() == []
+    labels = RunLabels(dataset="D", fold="all")
+    assert store.load_context("r", 0, labels).pinned_policy is None
+
+
+def test_set_and_clear_the_shadow_version(store: Store) -> None:
+    store.put_policy(make_policy("v1"))
+    assert store.shadow_policy() is None
+    with pytest.raises(NotFound, match="v9"):
+        store.set_shadow_policy("v9", "alice", T0)
+    store.set_shadow_policy("v1", "alice", T0)
+    assert store.shadow_policy() == "v1"
+    assert store.load_context("run-a", 0).shadow_policy == "v1"
+    store.set_shadow_policy(None, "alice", T0)
+    assert store.shadow_policy() is None
+    assert store.load_context("run-a", 0).shadow_policy is None
+
+
+def _shadowed(epoch: int, version: str, run_id: str = "run-a", **fields: Any) -> DecisionRecord:
+    record = make_record(run_id, epoch, state=f"real {epoch}")
+    shadow = make_decision(run_id, epoch, policy_version=version, **fields)
+    return replace(record, shadow=shadow, shadow_state=f"{version} {epoch}")
+
+
+def test_shadow_decisions_are_stored_beside_the_real_ones(store: Store) -> None:
+    for version in ("v-shadow", "v-next"):
+        store.put_policy(make_policy(version))
+    store.set_shadow_policy("v-shadow", "alice", T0)
+    records = [_shadowed(e, "v-shadow", action=Action.INTERVENE, lr=0.1) for e in (0, 1)]
+    assert store.record_decisions(records) == [r.decision for r in records]
+
+    assert store.shadow_decisions("run-a") == [r.shadow for r in records]
+    assert store.shadow_decisions("nobody") == []
+    context = store.load_context("run-a", 2)
+    assert context.previous_state == "real 1"
+    assert context.previous_shadow_state == "v-shadow 1"
+    # A retry stores no second shadow decision.
+    retry = _shadowed(1, "v-shadow", action=Action.STOP)
+    assert store.record_decisions([retry]) == [records[1].decision]
+    assert store.shadow_decisions("run-a") == [r.shadow for r in records]
+    # The stored shadow state is only handed out for the current shadow version.
+    store.set_shadow_policy("v-next", "alice", T0)
+    assert store.load_context("run-a", 2).previous_shadow_state is None
+    store.set_shadow_policy(None, "alice", T0)
+    assert store.load_context("run-a", 2).previous_shadow_state is None
+    # An epoch decided without a shadow breaks the chain.
+    store.set_shadow_policy("v-shadow", "alice", T0)
+    store.record_decisions([make_record("run-a", 2)])
+    assert store.load_context("run-a", 3).previous_shadow_state is None
+
+
+def test_shadow_summary_counts_differences_by_transition(store: Store) -> None:
+    store.put_policy(make_policy("v-shadow"))
+    same = _shadowed(0, "v-shadow")
+    other_reason = _shadowed(1, "v-shadow", reason="worded differently")
+    intervenes = _shadowed(2, "v-shadow", action=Action.INTERVENE, lr=0.05)
+    other_weights = _shadowed(3, "v-shadow", loss_weights=frozen_map({"dice": 1.0}))
+    real_intervenes = replace(
+        _shadowed(4, "v-shadow"),
+        decision=make_decision("run-a", 4, action=Action.INTERVENE, lr=0.02),
+    )
+    other_lr = replace(
+        _shadowed(5, "v-shadow", action=Action.INTERVENE, lr=0.03),
+        decision=make_decision("run-a", 5, action=Action.INTERVENE, lr=0.02),
+    )
+    elsewhere = _shadowed(0, "v-other", run_id="run-b", action=Action.STOP)
+    store.record_decisions(
+        [same, other_reason, intervenes, other_weights, real_intervenes, other_lr, elsewhere]
+    )
+
+    summary = store.shadow_summary("v-shadow")
+    assert (summary.version, summary.evaluated, summary.differed) == ("v-shadow", 6, 4)
+    assert dict(summary.by_transition) == {
+        "NONE->INTERVENE": 1,
+        "NONE->NONE": 1,
+        "INTERVENE->NONE": 1,
+        "INTERVENE->INTERVENE": 1,
+    }
+    empty = store.shadow_summary("never-shadowed")
+    assert (empty.evaluated, empty.differed, dict(empty.by_transition)) == (0, 0, {})
+
+
+# --- decision queries ---------------------------------------------------------------
+
+
+def _mixed_decisions(store: Store) -> list[Decision]:
+    records = [
+        make_record("run-a", 0, decided_at=T0),
+        make_record("run-b", 0, decided_at=T0 + timedelta(seconds=1)),
+        make_record("run-a", 1, decided_at=T0 + timedelta(seconds=2), action=Action.INTERVENE),
+        make_record(
+            "run-a",
+            2,
+            decided_at=T0 + timedelta(seconds=3),
+            action=Action.ROLLBACK,
+            source=Source.SAFETY,
+        ),
+        make_record("run-b", 1, decided_at=T0 + timedelta(seconds=4), source=Source.OVERRIDE),
+    ]
+    store.record_decisions(records[:2])
+    store.record_decisions(records[2:])
+    return [r.decision for r in records]
+
+
+def test_list_decisions_filters_oldest_first(store: Store) -> None:
+    a0, b0, a1, a2, b1 = _mixed_decisions(store)
+
+    def ids(**kwargs: Any) -> list[str]:
+        return [d.decision_id for d in store.list_decisions(DecisionFilter(**kwargs))]
+
+    assert store.list_decisions(DecisionFilter()) == [a0, b0, a1, a2, b1]
+    assert ids(run_id="run-a") == [d.decision_id for d in (a0, a1, a2)]
+    assert ids(action=Action.INTERVENE) == [a1.decision_id]
+    assert ids(source=Source.SAFETY) == [a2.decision_id]
+    assert ids(run_id="run-b", source=Source.OVERRIDE) == [b1.decision_id]
+    assert ids(since=T0 + timedelta(seconds=1)) == [d.decision_id for d in (b0, a1, a2, b1)]
+    assert ids(until=T0 + timedelta(seconds=2)) == [a0.decision_id, b0.decision_id]
+    later = datetime(2025, 3, 4, 7, 6, 9, 123456, tzinfo=timezone(timedelta(hours=2)))
+    assert ids(since=later, until=T0 + timedelta(seconds=4)) == [a1.decision_id, a2.decision_id]
+    assert ids(limit=2) == [a0.decision_id, b0.decision_id]
+    assert ids(limit=0) == ids()
+    assert ids(run_id="nobody") == []
+
+
+def test_decisions_after_a_cursor_in_commit_order(store: Store) -> None:
+    assert store.latest_decision_seq() == 0
+    start = store.decisions_after(0, DecisionFilter(), 10)
+    assert (start.decisions, start.cursor) == ((), 0)
+
+    first = make_record("run-a", 0)
+    store.record_decisions([first])
+    cursor = store.latest_decision_seq()
+    assert cursor > 0
+    assert store.decisions_after(cursor, DecisionFilter(), 10).decisions == ()
+
+    _, b0, a1, a2, b1 = _mixed_decisions(store)  # run-a 0 again: a duplicate, not new
+    page = store.decisions_after(cursor, DecisionFilter(), 10)
+    assert page.decisions == (b0, a1, a2, b1)
+    assert page.cursor == store.latest_decision_seq()
+    assert store.decisions_after(page.cursor, DecisionFilter(), 10).decisions == ()
+
+    # Filters and limits; a cursor past rows that do not match moves on all the same.
+    only_a = store.decisions_after(cursor, DecisionFilter(run_id="run-a"), 10)
+    assert only_a.decisions == (a1, a2)
+    assert only_a.cursor == page.cursor
+    assert store.decisions_after(cursor, DecisionFilter(source=Source.OVERRIDE), 10).decisions == (
+        b1,
+    )
+    assert store.decisions_after(cursor, DecisionFilter(action=Action.ROLLBACK), 10).decisions == (
+        a2,
+    )
+    two = store.decisions_after(cursor, DecisionFilter(), 2)
+    assert two.decisions == (b0, a1)
+    rest = store.decisions_after(two.cursor, DecisionFilter(), 2)
+    assert rest.decisions == (a2, b1)
+    assert first.decision not in page.decisions

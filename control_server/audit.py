@@ -1,0 +1,189 @@
+"""The audit trail of operator calls: one interceptor recording every ControlAdmin call.
+
+Each call becomes one admin event in the store: who (the actor the auth
+interceptor established), what (the method, its target and the request as
+compact JSON), when (the store stamps it as the call ends) and the result (the
+status code name). It sits outside the auth interceptor, so refused calls are
+recorded too. ReportEpoch is not recorded here (its decisions are its audit),
+nor are health checks and reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, message_factory, text_format
+from google.protobuf.message import DecodeError, Message
+
+from control_server.identity import current_actor
+from control_server.store import Store
+from trainer_client.api import control_pb2 as pb
+
+__all__ = ["AuditInterceptor"]
+
+logger = logging.getLogger(__name__)
+
+_ADMIN = pb.DESCRIPTOR.services_by_name["ControlAdmin"]
+#: Request JSON longer than this is cut (policy documents can be large).
+MAX_REQUEST_CHARS = 4096
+_TARGET_FIELDS = ("run_id", "version")
+
+
+def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"  # the client went away, or the server is stopping
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
+    # An exception with no status reaches the client as UNKNOWN.
+    return "OK" if error is None else "UNKNOWN"
+
+
+class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Records every ControlAdmin call, allowed or refused, as an admin event."""
+
+    def __init__(self, store: Store, *, max_request_chars: int = MAX_REQUEST_CHARS) -> None:
+        self._store = store
+        self._max = max_request_chars
+        # Refusals come from terminators without a deserializer: decode their bytes here.
+        self._request_types: dict[str, type[Message]] = {
+            f"/{_ADMIN.full_name}/{m.name}": message_factory.GetMessageClass(m.input_type)
+            for m in _ADMIN.methods
+        }
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        request_type = self._request_types.get(method)
+        if handler is None or request_type is None:
+            return handler
+        action = method.rsplit("/", 1)[-1]
+
+        def record(
+            request: Any, context: Any, began: float, error: BaseException | None, actor: str
+        ) -> None:
+            self._record(action, request_type, request, context, began, error, actor)
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                began, error = time.monotonic(), None
+                try:
+                    return await unary(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    # The auth interceptor set the actor in this task, inside the call.
+                    record(request, context, began, error, current_actor())
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_audited_stream(handler.unary_stream, record))
+        return handler
+
+    def _record(
+        self,
+        action: str,
+        request_type: type[Message],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        began: float,
+        error: BaseException | None,
+        actor: str,
+    ) -> None:
+        try:
+            result = _code_name(context, error)
+            message = self._decode(request_type, request)
+            details: dict[str, Any] = {
+                "request": self._request_json(message),
+                "peer": context.peer(),
+                "duration_ms": round((time.monotonic() - began) * 1000, 1),
+            }
+            status_message = context.details()
+            if result != "OK" and status_message:
+                details["message"] = str(status_message)[:500]
+            target = next(
+                (str(getattr(message, f)) for f in _TARGET_FIELDS if getattr(message, f, "")), ""
+            )
+            self._store.record_admin_event(actor, action, target, details, result)
+        except Exception:
+            # Never let the audit change a call's outcome: it already ran.
+            logger.exception("[%s] could not record the admin event (actor %s)", action, actor)
+
+    @staticmethod
+    def _decode(request_type: type[Message], request: Any) -> Message | None:
+        if isinstance(request, Message):
+            return request
+        if isinstance(request, bytes):
+            try:
+                return request_type.FromString(request)
+            except DecodeError:
+                return None
+        return None
+
+    def _request_json(self, message: Message | None) -> Any:
+        if message is None:
+            return None
+        try:
+            as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
+            text = json.dumps(as_dict, separators=(",", ":"), sort_keys=True, allow_nan=False)
+        except (json_format.Error, ValueError):
+            # JSON has no Infinity/NaN (a Struct holding one cannot be mapped): keep the text.
+            text = text_format.MessageToString(message, as_one_line=True)
+            return {"text": text[: self._max], "chars": len(text)}
+        if len(text) <= self._max:
+            return as_dict
+        return {"truncated": text[: self._max], "chars": len(text)}
+
+
+def _audited_stream(
+    stream: Callable[..., Any],
+    record: Callable[[Any, Any, float, BaseException | None, str], None],
+) -> Callable[..., Any]:
+    # grpc tells its two server-streaming styles apart by the function's kind: keep it.
+    if inspect.isasyncgenfunction(stream):
+
+        async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            began, error, actor = time.monotonic(), None, None
+            try:
+                async for response in stream(request, context):
+                    actor = current_actor()
+                    yield response
+            except BaseException as exc:
+                error = exc
+                # A stream abandoned at a yield is closed later, from another task:
+                # there the actor is the one read while it was still running.
+                if not isinstance(exc, GeneratorExit):
+                    actor = current_actor()
+                raise
+            finally:
+                record(request, context, began, error, actor or current_actor())
+
+        return generate
+
+    async def write(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        began, error = time.monotonic(), None
+        try:
+            return await stream(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            record(request, context, began, error, current_actor())
+
+    return write
