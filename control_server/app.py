@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from control_server.audit import AuditInterceptor
 from control_server.auth import AuthInterceptor, TokenTable
+from control_server.domain import Report
 from control_server.policy.document import PolicyDoc, default_policy, load_policy_file
 from control_server.service import ControlService, store_policy
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
@@ -67,7 +68,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     service: ControlService
-    committer: GroupCommitter
+    committer: GroupCommitter[Report]
     store: Store
     health: health.aio.HealthServicer
     policy_version: str
@@ -128,9 +129,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     except BaseException:
         store.close()
         raise
-    committer = GroupCommitter(store)
+    service = ControlService(store)
+    committer = service.committer
     committer.start()
-    service = ControlService(store, committer)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

@@ -55,11 +55,6 @@ class StoreUnavailable(DomainError):
     """The store cannot be reached or refused the write; nothing was decided."""
 
 
-class StaleContext(DomainError):
-    """What a decision was based on changed before it could be stored (a `once`
-    override was consumed or cleared meanwhile); nothing was stored, decide again."""
-
-
 def frozen_map(values: Mapping[str, float] | None = None) -> Mapping[str, float]:
     """A read-only copy of a weight map, keys sorted so equal maps print alike."""
     values = values or {}

@@ -13,7 +13,7 @@ import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -40,7 +40,6 @@ from control_server.domain import (
     RunSelector,
     RunSummary,
     ShadowSummary,
-    StaleContext,
     StoreUnavailable,
     Verdict,
 )
@@ -48,11 +47,10 @@ from control_server.policy import INITIAL_STATE, PolicyState, step
 from control_server.policy.document import PolicyDoc, parse_policy, parse_policy_yaml
 from control_server.replay import fold_state
 from control_server.store import GroupCommitter, Store
+from control_server.store.committer import BatchObserver
 
 logger = logging.getLogger(__name__)
 
-#: Times ReportEpoch decides again when its `once` override was used up meanwhile.
-MAX_DECIDE_ATTEMPTS = 3
 #: Seconds between a watch's polls of the store (decisions of other replicas).
 WATCH_POLL_S = 0.5
 #: Decisions a watch reads from the store at a time.
@@ -200,13 +198,15 @@ class ControlService:
     def __init__(
         self,
         store: Store,
-        committer: GroupCommitter,
         clock: Callable[[], datetime] = utc_now,
         *,
         watch_poll_s: float = WATCH_POLL_S,
+        commit_observer: BatchObserver | None = None,
     ) -> None:
         self.store = store
-        self._committer = committer
+        self.committer: GroupCommitter[Report] = GroupCommitter(
+            self._decide_batch, observer=commit_observer
+        )
         self._clock = clock
         self.policies = PolicyCache(store)
         self.broadcast = _Broadcast()
@@ -222,40 +222,18 @@ class ControlService:
     # --- ReportEpoch ------------------------------------------------------------------
 
     async def report_epoch(self, report: Report) -> Decision:
-        """Decide one epoch. Idempotent per (run_id, epoch); durable before it returns."""
-        for attempt in range(1, MAX_DECIDE_ATTEMPTS + 1):
-            context = self.store.load_context(report.run_id, report.epoch, report.labels)
-            if context.existing is not None:
-                logger.info(
-                    "[ReportEpoch] run=%s epoch=%d replayed recorded decision %s",
-                    report.run_id,
-                    report.epoch,
-                    context.existing.decision_id,
-                )
-                return context.existing
-            record = self._decide(report, context)
-            try:
-                stored = await self._committer.submit(record)
-            except StaleContext as exc:
-                if attempt == MAX_DECIDE_ATTEMPTS:
-                    raise
-                logger.info(
-                    "[ReportEpoch] run=%s epoch=%d deciding again: %s",
-                    report.run_id,
-                    report.epoch,
-                    exc,
-                )
-                continue
-            self.broadcast.notify()
-            logger.debug(
-                "[ReportEpoch] run=%s epoch=%d action=%s source=%s",
-                report.run_id,
-                report.epoch,
-                stored.action.value,
-                stored.source.value,
-            )
-            return stored
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        """Decide one epoch. Idempotent per (run_id, epoch); durable before it returns.
+
+        The writer thread reads the run's context, decides and records in one
+        transaction for a whole batch of reports (see GroupCommitter), so the
+        event loop only decodes and answers, and read-decide-write is atomic.
+        """
+        stored = await self.committer.submit(report)
+        self.broadcast.notify()
+        return stored
+
+    def _decide_batch(self, reports: Sequence[Report]) -> list[Decision | Exception]:
+        return self.store.decide_and_record(reports, self._decide)
 
     def _decide(self, report: Report, context: RunContext) -> DecisionRecord:
         version = context.pinned_policy or context.active_policy

@@ -18,7 +18,6 @@ from control_server.domain import (
     DomainError,
     InvalidArgument,
     NotFound,
-    StaleContext,
     StoreUnavailable,
 )
 from control_server.identity import current_actor
@@ -34,7 +33,6 @@ _CODES: list[tuple[type[DomainError], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (StaleContext, grpc.StatusCode.ABORTED),
 ]
 # Error details travel in trailers; a message quoting a huge value must not overflow them.
 _MAX_DETAILS = 1000

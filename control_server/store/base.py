@@ -1,14 +1,16 @@
-"""The storage contract every backend implements (SQLite now, PostgreSQL in issue 5).
+"""The storage contract every backend implements (SQLite and PostgreSQL).
 
 Methods are synchronous and thread-safe: reads may be called from the event
-loop thread, `record_decisions` from the group-commit writer thread. Each
+loop thread, `decide_and_record` from the group-commit writer thread. Each
 backend keeps one connection per thread. Timestamps come back timezone-aware (UTC).
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +19,7 @@ from control_server.domain import (
     DecisionFilter,
     DecisionPage,
     DecisionRecord,
+    DomainError,
     Override,
     PolicyPin,
     PolicyVersion,
@@ -27,11 +30,82 @@ from control_server.domain import (
     RunSelector,
     RunSummary,
     ShadowSummary,
+    StoreUnavailable,
 )
+
+logger = logging.getLogger(__name__)
+
+#: Decides one report from its context (pure apart from store reads): the record to store.
+Decide = Callable[[Report, RunContext], DecisionRecord]
 
 
 class Store(ABC):
     """Durable record of runs, reports, decisions, overrides, policies and admin events."""
+
+    @abstractmethod
+    def write_transaction(self) -> AbstractContextManager[None]:
+        """One write transaction on this thread's connection, committed on exit and
+        rolled back on error. Store calls made on this thread inside it join it
+        (they neither begin nor commit), so they see its uncommitted writes. It
+        serialises against every other writer of the run's rows (SQLite: the
+        database lock; PostgreSQL: row locks), so a read-decide-write inside it
+        is atomic across replicas."""
+
+    def decide_and_record(
+        self, reports: Sequence[Report], decide: Decide
+    ) -> list[Decision | Exception]:
+        """Decide and record a batch of reports in ONE write transaction.
+
+        For each report, in order: its context is read inside the transaction
+        (so it sees the decisions made earlier in the batch); a report already
+        decided gets its stored decision back (idempotency); otherwise `decide`
+        makes the record, which is stored. An error of `decide` fails that
+        report alone. A store error fails the whole batch (StoreUnavailable;
+        nothing of it is stored).
+        """
+        outcomes: list[Decision | Exception | None] = [None] * len(reports)
+        pending: list[tuple[int, DecisionRecord]] = []
+        pending_runs: set[str] = set()
+
+        def flush() -> None:
+            stored = self.record_decisions([record for _, record in pending])
+            for (index, record), decision in zip(pending, stored, strict=True):
+                outcomes[index] = (
+                    decision
+                    if decision is not None
+                    else StoreUnavailable(
+                        f"override {record.consumed_override} was consumed inside the transaction"
+                    )
+                )
+            pending.clear()
+            pending_runs.clear()
+
+        with self.write_transaction():
+            for index, report in enumerate(reports):
+                if report.run_id in pending_runs:
+                    flush()  # the run's earlier report must be visible to this one
+                context = self.load_context(report.run_id, report.epoch, report.labels)
+                if context.existing is not None:
+                    outcomes[index] = context.existing
+                    continue
+                try:
+                    record = decide(report, context)
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    if not isinstance(exc, DomainError):
+                        logger.exception(
+                            "[ReportEpoch] run=%s epoch=%d cannot be decided",
+                            report.run_id,
+                            report.epoch,
+                        )
+                    outcomes[index] = exc
+                    continue
+                pending.append((index, record))
+                pending_runs.add(report.run_id)
+            if pending:
+                flush()
+        return [o if o is not None else StoreUnavailable("not decided") for o in outcomes]
 
     @abstractmethod
     def record_decisions(self, records: Sequence[DecisionRecord]) -> list[Decision | None]:

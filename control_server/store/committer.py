@@ -2,8 +2,9 @@
 
 Committing inside the event loop halves throughput, and handing each row back
 to the loop separately costs 17-34% (PERF.md, "Durable audit"). So one writer
-thread takes whatever is queued into one `Store.record_decisions` call and
-wakes each event loop once per batch.
+thread takes whatever is queued into one call of the batch function (the
+service's: load contexts, decide, record, all in one transaction) and wakes
+each event loop once per batch.
 """
 
 from __future__ import annotations
@@ -13,40 +14,53 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from control_server.domain import Decision, DecisionRecord, StaleContext, StoreUnavailable
-from control_server.store.base import Store
+from control_server.domain import Decision, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
+Item = TypeVar("Item")
 _Outcome = Decision | BaseException
-_STALE = "override {} was consumed or cleared before the decision using it was stored"
+#: Commits a batch in one transaction; one outcome (decision or error) per item, in order.
+BatchFunction = Callable[[Sequence[Item]], Sequence[Decision | BaseException | None]]
+#: Told (rows, seconds) after each committed batch (metrics).
+BatchObserver = Callable[[int, float], None]
 
 
 @dataclass(frozen=True, slots=True)
-class _Pending:
-    record: DecisionRecord
+class _Pending(Generic[Item]):
+    item: Item
     future: asyncio.Future[Decision]
     loop: asyncio.AbstractEventLoop
 
 
-class GroupCommitter:
-    """One writer thread that commits queued decision records in batches.
+class GroupCommitter(Generic[Item]):
+    """One writer thread that commits queued items in batches through `commit`.
 
     `batches` and `rows` count what was committed; `failed_batches` counts
     batches the store refused.
     """
 
-    def __init__(self, store: Store, *, max_batch: int = 512, max_wait: float = 0.002) -> None:
+    def __init__(
+        self,
+        commit: BatchFunction[Item],
+        *,
+        max_batch: int = 512,
+        max_wait: float = 0.002,
+        observer: BatchObserver | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, but got {max_batch}.")
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0 seconds, but got {max_wait}.")
-        self._store = store
+        self._commit_batch = commit
+        self._observer = observer
         self._max_batch = max_batch
         self._max_wait = max_wait
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[_Pending[Item]] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -62,11 +76,11 @@ class GroupCommitter:
             self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
-    async def submit(self, record: DecisionRecord) -> Decision:
-        """Queue one record and wait until its batch is durable; return the stored decision.
+    async def submit(self, item: Item) -> Decision:
+        """Queue one item and wait until its batch is durable; return the stored decision.
 
         Raises StoreUnavailable when the batch's write failed or the committer is
-        closed, StaleContext when the store refused the record (decide it again).
+        closed, and whatever error the batch function gave for this item.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
@@ -75,7 +89,7 @@ class GroupCommitter:
                 raise RuntimeError("GroupCommitter.start() was not called")
             if self._closing:
                 raise StoreUnavailable("the group committer is closed")
-            self._queue.append(_Pending(record, future, loop))
+            self._queue.append(_Pending(item, future, loop))
             self._cond.notify()
         return await future
 
@@ -107,20 +121,21 @@ class GroupCommitter:
             previous = len(batch)
             self._commit(batch)
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending[Item]]) -> None:
         outcomes: list[_Outcome]
+        began = time.perf_counter()
         try:
-            stored = self._store.record_decisions([p.record for p in batch])
+            stored = self._commit_batch([p.item for p in batch])
             if len(stored) != len(batch):
-                raise RuntimeError(
-                    f"store returned {len(stored)} decisions for {len(batch)} records"
-                )
+                raise RuntimeError(f"the batch gave {len(stored)} outcomes for {len(batch)} items")
             outcomes = [
-                d if d is not None else StaleContext(_STALE.format(p.record.consumed_override))
-                for p, d in zip(batch, stored, strict=True)
+                d if d is not None else StoreUnavailable("the store did not record the decision")
+                for d in stored
             ]
             self.batches += 1
             self.rows += len(batch)
+            if self._observer is not None:
+                self._observer(len(batch), time.perf_counter() - began)
         except StoreUnavailable as exc:
             logger.warning("group commit of %d rows failed: %s", len(batch), exc)
             self.failed_batches += 1

@@ -214,11 +214,15 @@ class SqliteStore(Store):
 
     @contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """One transaction: commit on success, roll back on any error.
+        """One transaction: commit on success, roll back on any error. Inside an
+        open transaction of this thread (write_transaction), it joins that one.
 
         sqlite3 errors become StoreUnavailable; domain errors pass through.
         """
         conn = self._connection()
+        if conn.in_transaction:
+            yield conn
+            return
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield conn
@@ -228,6 +232,11 @@ class SqliteStore(Store):
             if isinstance(exc, sqlite3.Error):
                 raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
             raise
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[None]:
+        with self._transaction(write=True):
+            yield
 
     def close(self) -> None:
         """Close every connection; later calls raise StoreUnavailable."""

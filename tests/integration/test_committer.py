@@ -43,7 +43,7 @@ def store(tmp_path: Path) -> Iterator[FlakyStore]:
 
 
 def _started(store: SqliteStore, max_batch: int = 512, max_wait: float = 0.002) -> GroupCommitter:
-    committer = GroupCommitter(store, max_batch=max_batch, max_wait=max_wait)
+    committer = GroupCommitter(store.record_decisions, max_batch=max_batch, max_wait=max_wait)
     committer.start()
     return committer
 
@@ -196,13 +196,13 @@ def test_a_lone_caller_does_not_wait(store: FlakyStore) -> None:
 def test_submit_needs_start(store: FlakyStore) -> None:
     async def main() -> None:
         with pytest.raises(RuntimeError, match="start"):
-            await GroupCommitter(store).submit(make_record())
+            await GroupCommitter(store.record_decisions).submit(make_record())
 
     asyncio.run(main())
 
 
 def test_bad_settings_are_refused(store: FlakyStore) -> None:
     with pytest.raises(ValueError, match="max_batch"):
-        GroupCommitter(store, max_batch=0)
+        GroupCommitter(store.record_decisions, max_batch=0)
     with pytest.raises(ValueError, match="max_wait"):
-        GroupCommitter(store, max_wait=-1)
+        GroupCommitter(store.record_decisions, max_wait=-1)
