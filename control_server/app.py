@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from control_server.audit import AuditInterceptor
 from control_server.auth import AuthInterceptor, TokenTable
 from control_server.domain import Report
+from control_server.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
 from control_server.policy.document import PolicyDoc, default_policy, load_policy_file
 from control_server.service import ControlService, store_policy
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
@@ -51,6 +52,8 @@ class ServerConfig:
     tls_key: Path | None = None
     #: PEM CA bundle: require client certificates signed by it (needs tls_cert).
     tls_client_ca: Path | None = None
+    #: HOST:PORT for Prometheus metrics over HTTP (/metrics); None: not served.
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -73,6 +76,9 @@ class RunningServer:
     health: health.aio.HealthServicer
     policy_version: str
     grace_s: float
+    metrics: Metrics
+    #: The /metrics endpoint, when served.
+    metrics_endpoint: MetricsEndpoint | None = None
 
     async def stop(self) -> None:
         """Refuse new calls, let in-flight ones finish, commit what is queued, close."""
@@ -81,6 +87,8 @@ class RunningServer:
         await self.server.stop(self.grace_s)
         await self.committer.close()
         self.store.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
 
 
 def activate_startup_policy(store: Store, policy_file: Path | None) -> str:
@@ -129,7 +137,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     except BaseException:
         store.close()
         raise
-    service = ControlService(store)
+    metrics = Metrics()
+    service = ControlService(store, commit_observer=metrics.observe_commit)
     committer = service.committer
     committer.start()
     options = [
@@ -140,8 +149,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
         ("grpc.so_reuseport", 0),
     ]
-    # The audit sits outside auth so that refused calls are recorded too.
-    interceptors: list[grpc.aio.ServerInterceptor] = [AuditInterceptor(store)]
+    # Metrics outermost, then the audit, then auth: refused calls are counted and recorded.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        MetricsInterceptor(metrics),
+        AuditInterceptor(store),
+    ]
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
     server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -163,6 +175,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         store.close()
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
+    endpoint = metrics.serve(config.metrics_listen) if config.metrics_listen else None
     logger.info(
         "serving on port %d (store %s, policy %s, auth %s, tls %s)",
         port,
@@ -172,5 +185,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
         "off" if credentials is None else "mutual" if config.tls_client_ca else "on",
     )
     return RunningServer(
-        server, port, service, committer, store, health_servicer, version, config.grace_s
+        server,
+        port,
+        service,
+        committer,
+        store,
+        health_servicer,
+        version,
+        config.grace_s,
+        metrics,
+        endpoint,
     )

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from control_server import logs
 from control_server.app import ServerConfig, start_server
 from control_server.auth import Role, create_token, load_tokens, revoke_token
 from control_server.domain import Decision, DomainError
@@ -77,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        metrics_listen=args.metrics_listen,
     )
     asyncio.run(_serve(config))
     return 0
@@ -150,6 +152,12 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="control-server", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text (default) or json: one JSON object per line, for log shippers",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC server")
@@ -177,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-client-ca",
         type=Path,
         help="PEM CA bundle: require client certificates signed by it",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics",
     )
     serve.add_argument(
         "--insecure",
@@ -217,9 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         return int(args.func(args))
     except (DomainError, ValueError, OSError) as exc:

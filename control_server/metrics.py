@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -90,21 +92,28 @@ class Metrics:
         self.commit_seconds.observe(seconds)
         self.commit_rows.observe(rows)
 
-    def serve(self, listen: str) -> Callable[[], None]:
-        """Expose /metrics over HTTP on HOST:PORT; returns a function that stops it."""
+    def serve(self, listen: str) -> MetricsEndpoint:
+        """Expose /metrics over HTTP on HOST:PORT (port 0: any free port)."""
         host, _, port = listen.rpartition(":")
         server, thread = start_http_server(
             int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry
         )
         logger.info("metrics on http://%s:%d/metrics", host, server.server_port)
+        return MetricsEndpoint(server.server_port, server, thread)
 
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
 
-        stop.port = server.server_port  # type: ignore[attr-defined]
-        return stop
+@dataclass
+class MetricsEndpoint:
+    """A running /metrics HTTP endpoint."""
+
+    port: int
+    _server: WSGIServer
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
 
 
 def _kind(handler: grpc.RpcMethodHandler) -> str:
