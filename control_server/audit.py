@@ -73,15 +73,20 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         action = method.rsplit("/", 1)[-1]
 
         def record(
-            request: Any, context: Any, began: float, error: BaseException | None, actor: str
+            request: Any,
+            context: grpc.aio.ServicerContext | None,
+            began: float,
+            error: BaseException | None,
+            actor: str,
+            peer: str,
         ) -> None:
-            self._record(action, request_type, request, context, began, error, actor)
+            self._record(action, request_type, request, context, began, error, actor, peer)
 
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                began, error = time.monotonic(), None
+                began, error, peer = time.monotonic(), None, context.peer()
                 try:
                     return await unary(request, context)
                 except BaseException as exc:
@@ -89,7 +94,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     raise
                 finally:
                     # The auth interceptor set the actor in this task, inside the call.
-                    record(request, context, began, error, current_actor())
+                    record(request, context, began, error, current_actor(), peer)
 
             return handler._replace(unary_unary=unary_unary)
         if handler.unary_stream is not None:
@@ -101,20 +106,23 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         action: str,
         request_type: type[Message],
         request: Any,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext | None,
         began: float,
         error: BaseException | None,
         actor: str,
+        peer: str,
     ) -> None:
+        """Record one call. `context` is None when the client already left: the
+        call's context must not be touched then (grpc aio crashes the process)."""
         try:
-            result = _code_name(context, error)
+            result = _code_name(context, error) if context is not None else "CANCELLED"
             message = self._decode(request_type, request)
             details: dict[str, Any] = {
                 "request": self._request_json(message),
-                "peer": context.peer(),
+                "peer": peer,
                 "duration_ms": round((time.monotonic() - began) * 1000, 1),
             }
-            status_message = context.details()
+            status_message = context.details() if context is not None else None
             if result != "OK" and status_message:
                 details["message"] = str(status_message)[:500]
             target = next(
@@ -153,37 +161,43 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 def _audited_stream(
     stream: Callable[..., Any],
-    record: Callable[[Any, Any, float, BaseException | None, str], None],
+    record: Callable[[Any, Any, float, BaseException | None, str, str], None],
 ) -> Callable[..., Any]:
     # grpc tells its two server-streaming styles apart by the function's kind: keep it.
     if inspect.isasyncgenfunction(stream):
 
         async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            began, error, actor = time.monotonic(), None, None
+            began, error, actor, peer = time.monotonic(), None, None, context.peer()
+            live: grpc.aio.ServicerContext | None = context
             try:
                 async for response in stream(request, context):
                     actor = current_actor()
                     yield response
             except BaseException as exc:
                 error = exc
-                # A stream abandoned at a yield is closed later, from another task:
-                # there the actor is the one read while it was still running.
-                if not isinstance(exc, GeneratorExit):
+                if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                    # Abandoned by the client (closed later, from another task): its
+                    # context is gone, and so is this task's actor; use what was read.
+                    live = None
+                else:
                     actor = current_actor()
                 raise
             finally:
-                record(request, context, began, error, actor or current_actor())
+                record(request, live, began, error, actor or current_actor(), peer)
 
         return generate
 
     async def write(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        began, error = time.monotonic(), None
+        began, error, peer = time.monotonic(), None, context.peer()
+        live: grpc.aio.ServicerContext | None = context
         try:
             return await stream(request, context)
         except BaseException as exc:
             error = exc
+            if isinstance(exc, asyncio.CancelledError):
+                live = None
             raise
         finally:
-            record(request, context, began, error, current_actor())
+            record(request, live, began, error, current_actor(), peer)
 
     return write

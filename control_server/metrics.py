@@ -178,7 +178,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def done(context: grpc.aio.ServicerContext, began: float, fallback: str = "OK") -> None:
             handling.observe(time.perf_counter() - began)
-            m.handled.labels(*labels, _code(context, fallback)).inc()
+            # A call the client abandoned must not touch its context (grpc aio crashes).
+            code = fallback if fallback == "Canceled" else _code(context, fallback)
+            m.handled.labels(*labels, code).inc()
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary

@@ -1,0 +1,412 @@
+"""What `controlctl` prints: ControlAdmin messages as text, export records and policy YAML.
+
+Pure functions from messages to strings (no I/O), so that the CLI stays a thin
+layer of argument parsing and calls. Times are shown in UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from control_server.domain import LOSS_COMPONENTS
+from control_server.policy.document import PolicyError, integer_fields, parse_policy
+from trainer_client.api import control_pb2 as pb
+
+__all__ = [
+    "EXPORT_FIELDS",
+    "decision_record",
+    "decisions_table",
+    "message_json",
+    "override_line",
+    "overrides_table",
+    "policies_table",
+    "policy_data",
+    "policy_text",
+    "policy_yaml",
+    "run_text",
+    "runs_table",
+    "selector_text",
+    "shadow_summary_text",
+    "table",
+    "watch_line",
+    "weights_text",
+]
+
+_INTEGER_FIELDS = tuple(tuple(path.split(".")) for path in sorted(integer_fields()))
+_LABEL_KEYS = ("dataset", "configuration", "fold", "trainer", "plans", "host")
+#: The columns of a decision export, CSV and JSONL alike.
+EXPORT_FIELDS = (
+    "decided_at",
+    "decision_id",
+    "run_id",
+    "epoch",
+    "action",
+    "source",
+    "lr",
+    "loss_weights",
+    "intervention_index",
+    "policy_version",
+    "override_id",
+    "reason",
+)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Fixed-width columns, two spaces apart; the last one (free text) is not padded."""
+    rows = list(rows)
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = []
+    for row in (headers, *rows):
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _opt(message: Any, name: str) -> str:
+    return _num(getattr(message, name)) if message.HasField(name) else "-"
+
+
+def weights_text(weights: Mapping[str, float]) -> str:
+    """``dice=0.6,focal=0.4``, sorted; empty for an empty map."""
+    return ",".join(f"{k}={v:g}" for k, v in sorted(weights.items()))
+
+
+def _weights(weights: Mapping[str, float]) -> str:
+    return weights_text(weights) or "-"
+
+
+def _when(ts: Timestamp) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    text: str = ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return text
+
+
+def _iso(ts: Timestamp) -> str:
+    if not ts.seconds and not ts.nanos:
+        return ""
+    text: str = ts.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def selector_text(selector: pb.RunSelector) -> str:
+    """``dataset=X,configuration=2d`` (its non-empty fields)."""
+    parts = [
+        f"{name}={getattr(selector, name)}"
+        for name in ("dataset", "configuration", "fold")
+        if getattr(selector, name)
+    ]
+    return ",".join(parts) or "(every run)"
+
+
+def _action(decision: pb.Decision) -> str:
+    action: str = pb.Action.Name(decision.action)
+    return f"{action} #{decision.intervention_index}" if decision.intervention_index else action
+
+
+def _source(decision: pb.Decision) -> str:
+    name: str = pb.Source.Name(decision.source)
+    return name
+
+
+def message_json(message: Any) -> str:
+    """A message as JSON with the proto's own field names, as grpcurl prints it."""
+    text: str = json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2)
+    return text
+
+
+# --- runs ----------------------------------------------------------------------------
+
+
+def runs_table(response: pb.ListRunsResponse) -> str:
+    """One line per run: labels, progress, LR and the last decision."""
+    rows = [
+        [
+            r.run_id,
+            "/".join(v for v in (r.labels.dataset, r.labels.configuration, r.labels.fold) if v)
+            or "-",
+            str(r.last_epoch),
+            str(r.intervention_count),
+            _num(r.current_lr),
+            f"{_action(r.last_decision)} ({_source(r.last_decision)})"
+            if r.HasField("last_decision")
+            else "-",
+            _when(r.last_seen),
+        ]
+        for r in response.runs
+    ]
+    headers = ("RUN", "DATASET/CONFIG/FOLD", "LAST EPOCH", "INTERVENTIONS", "LR", "LAST ACTION")
+    return table((*headers, "LAST SEEN (UTC)"), rows)
+
+
+def _differs(real: pb.Decision, shadow: pb.Decision) -> bool:
+    return (
+        real.action != shadow.action
+        or real.HasField("lr") != shadow.HasField("lr")
+        or real.lr != shadow.lr
+        or dict(real.loss_weights) != dict(shadow.loss_weights)
+    )
+
+
+def run_text(response: pb.GetRunResponse) -> str:
+    """A run's summary, its timeline, its shadow decisions and its overrides."""
+    run = response.run
+    labels = " ".join(
+        f"{k}={getattr(run.labels, k)}" for k in _LABEL_KEYS if getattr(run.labels, k)
+    )
+    parts = [
+        f"run            {run.run_id}\n"
+        f"labels         {labels or '-'}\n"
+        f"epochs         {run.report_count} reported, last {run.last_epoch}; "
+        f"{run.intervention_count} interventions; LR {_num(run.current_lr)}\n"
+        f"seen (UTC)     {_when(run.first_seen)} .. {_when(run.last_seen)}"
+    ]
+    timeline = [
+        [
+            str(e.report.epoch),
+            _num(e.report.train_loss),
+            _opt(e.report, "val_loss"),
+            _opt(e.report, "avg_gradient_norm"),
+            _num(e.report.current_lr),
+            _action(e.decision),
+            _source(e.decision),
+            _opt(e.decision, "lr"),
+            _weights(e.decision.loss_weights),
+            e.decision.reason,
+        ]
+        for e in response.epochs
+    ]
+    headers = ("EPOCH", "TRAIN", "VAL", "GRAD", "LR", "ACTION", "SOURCE", "NEW LR", "NEW WEIGHTS")
+    parts.append(table((*headers, "REASON"), timeline))
+    shadowed = [e for e in response.epochs if e.HasField("shadow")]
+    if shadowed:
+        versions = ", ".join(sorted({e.shadow.policy_version for e in shadowed}))
+        rows = [
+            [
+                str(e.report.epoch),
+                "*" if _differs(e.decision, e.shadow) else "",
+                _action(e.decision),
+                _action(e.shadow),
+                _opt(e.shadow, "lr"),
+                _weights(e.shadow.loss_weights),
+                e.shadow.reason,
+            ]
+            for e in shadowed
+        ]
+        parts.append(
+            f"shadow decisions (policy {versions}; * = differs from the real decision)\n"
+            + table(("EPOCH", "", "REAL", "SHADOW", "NEW LR", "NEW WEIGHTS", "REASON"), rows)
+        )
+    if response.overrides:
+        parts.append("overrides\n" + overrides_table(response.overrides))
+    return "\n\n".join(parts)
+
+
+# --- overrides -----------------------------------------------------------------------
+
+
+def overrides_table(overrides: Iterable[pb.Override]) -> str:
+    """One line per override, oldest first as given."""
+    rows = [
+        [
+            str(o.override_id),
+            o.run_id,
+            _opt(o, "lr"),
+            _weights(o.loss_weights),
+            _yes(o.hold_interventions),
+            _yes(o.once),
+            o.actor or "-",
+            _when(o.created_at),
+            f"{_when(o.cleared_at)} ({o.cleared_by or '?'})" if o.HasField("cleared_at") else "-",
+            o.reason,
+        ]
+        for o in overrides
+    ]
+    headers = ("ID", "RUN", "LR", "WEIGHTS", "HOLD", "ONCE", "BY", "SET (UTC)", "CLEARED")
+    return table((*headers, "REASON"), rows)
+
+
+def override_line(o: pb.Override) -> str:
+    """What an override does, in one line."""
+    what = [
+        f"lr={_num(o.lr)}" if o.HasField("lr") else "",
+        f"weights={weights_text(o.loss_weights)}" if o.loss_weights else "",
+        "hold interventions" if o.hold_interventions else "",
+        "once" if o.once else "until cleared",
+    ]
+    return (
+        f"override #{o.override_id} on {o.run_id}: {', '.join(w for w in what if w)} "
+        f"(by {o.actor or '?'}): {o.reason}"
+    )
+
+
+# --- policies ------------------------------------------------------------------------
+
+
+def _standing(policy: pb.Policy) -> str:
+    return ",".join(s for s, on in (("active", policy.active), ("shadow", policy.shadow)) if on)
+
+
+def policies_table(response: pb.ListPoliciesResponse) -> str:
+    """The stored versions with their standing and pins."""
+    rows = [
+        [
+            p.version,
+            p.name,
+            _when(p.created_at),
+            _standing(p) or "-",
+            "; ".join(selector_text(s) for s in p.pins) or "-",
+        ]
+        for p in response.policies
+    ]
+    return table(("VERSION", "NAME", "CREATED (UTC)", "STATUS", "PINS"), rows)
+
+
+def policy_data(policy: pb.Policy) -> dict[str, Any]:
+    """The stored document in the policy file's schema, keys in the file's order.
+
+    A Struct carries every number as a double: integral ones become ints where
+    the schema wants an integer (``patience: 3``, not ``3.0``).
+    """
+    data: dict[str, Any] = json_format.MessageToDict(policy.document)
+    for section, key in _INTEGER_FIELDS:
+        values = data.get(section)
+        if not isinstance(values, dict):
+            continue
+        value = values.get(key)
+        if isinstance(value, float) and value.is_integer():
+            values[key] = int(value)
+    try:
+        return parse_policy(data).to_mapping()
+    except PolicyError:
+        return data  # a schema this client does not know: show it as stored
+
+
+class _FlowList(list[Any]):
+    """A list of scalars, written on one line."""
+
+
+class _FlowMap(dict[str, Any]):
+    """A loss weight map, written on one line."""
+
+
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]
+    """SafeDumper writing `_FlowList` and `_FlowMap` in flow style."""
+
+
+_Dumper.add_representer(
+    _FlowList,
+    lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True),
+)
+_Dumper.add_representer(
+    _FlowMap,
+    lambda dumper, data: dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True),
+)
+
+
+def _flowed(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        if value and set(value) <= set(LOSS_COMPONENTS):
+            return _FlowMap(value)
+        return {k: _flowed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_flowed(v) for v in value]
+        return _FlowList(items) if all(not isinstance(v, list | dict) for v in value) else items
+    return value
+
+
+def policy_yaml(data: Mapping[str, Any]) -> str:
+    """YAML a person can read, diff line by line and push again.
+
+    One key per line; lists of numbers and weight maps stay on one line.
+    """
+    text: str = yaml.dump(_flowed(data), Dumper=_Dumper, sort_keys=False, width=100)
+    return text
+
+
+def policy_text(policy: pb.Policy) -> str:
+    """A version as YAML, its version, creation, standing and pins in comments above."""
+    standing = _standing(policy)
+    head = f"# policy {policy.version}, created {_when(policy.created_at)} UTC"
+    lines = [head + (f", {standing}" if standing else "")]
+    lines += [f"# pinned to {selector_text(pin)}" for pin in policy.pins]
+    return "\n".join([*lines, policy_yaml(policy_data(policy)).rstrip("\n")])
+
+
+def shadow_summary_text(summary: pb.ShadowSummary) -> str:
+    """Evaluated and differing counts, then the differences by transition."""
+    share = f" ({100 * summary.differed / summary.evaluated:.1f}%)" if summary.evaluated else ""
+    text = (
+        f"shadow policy {summary.version}: {summary.evaluated} reports evaluated, "
+        f"{summary.differed} decided differently{share}"
+    )
+    if summary.by_transition:
+        rows = [[k, str(v)] for k, v in sorted(summary.by_transition.items())]
+        text += "\n" + table(("REAL->SHADOW", "COUNT"), rows)
+    return text
+
+
+# --- decisions -----------------------------------------------------------------------
+
+
+def decisions_table(decisions: Iterable[pb.Decision]) -> str:
+    """One line per decision, as given (oldest first)."""
+    rows = [
+        [
+            _when(d.decided_at),
+            d.run_id,
+            str(d.epoch),
+            _action(d),
+            _source(d),
+            _opt(d, "lr"),
+            _weights(d.loss_weights),
+            d.policy_version,
+            d.reason,
+        ]
+        for d in decisions
+    ]
+    headers = ("DECIDED (UTC)", "RUN", "EPOCH", "ACTION", "SOURCE", "NEW LR", "NEW WEIGHTS")
+    return table((*headers, "POLICY", "REASON"), rows)
+
+
+def decision_record(d: pb.Decision) -> dict[str, Any]:
+    """A decision as flat, stable plain data: one JSONL line (keys: `EXPORT_FIELDS`)."""
+    return {
+        "decided_at": _iso(d.decided_at),
+        "decision_id": d.decision_id,
+        "run_id": d.run_id,
+        "epoch": d.epoch,
+        "action": pb.Action.Name(d.action),
+        "source": pb.Source.Name(d.source),
+        "lr": d.lr if d.HasField("lr") else None,
+        "loss_weights": dict(sorted(d.loss_weights.items())),
+        "intervention_index": d.intervention_index,
+        "policy_version": d.policy_version,
+        "override_id": d.override_id,
+        "reason": d.reason,
+    }
+
+
+def watch_line(d: pb.Decision) -> str:
+    """One decision in one line, for the live tail."""
+    change = []
+    if d.HasField("lr"):
+        change.append(f"lr={_num(d.lr)}")
+    if d.loss_weights:
+        change.append(f"weights={weights_text(d.loss_weights)}")
+    head = [_when(d.decided_at), d.run_id, f"epoch {d.epoch}", f"{_action(d)} ({_source(d)})"]
+    return "  ".join([*head, *change, f"policy {d.policy_version}", d.reason])
