@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench proto proto-check lint typecheck clean
+.PHONY: demo test fuzz bench proto proto-check lint typecheck clean
 
 # torch first, and pinned again beside the project: the nnunet extra pulls
 # timm -> torchvision, whose newest release would otherwise drag in a newer
@@ -22,7 +22,15 @@ demo: $(STAMP)
 test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q
 
+# The hostile-input fuzz at length (make test runs 1,000 cases per property).
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q \
+		-o timeout=3600 tests/integration/test_fuzz.py
+
+# The trainer's costs first: bench.py's last line is the machine-readable one.
 bench: $(STAMP)
+	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench.py
 
 # Regenerate the committed API code from proto/ (pinned grpcio-tools in [dev]).

@@ -1,18 +1,29 @@
-"""`make demo`: a server on SQLite, a simulated training under its control, the audit.
+"""`make demo`: a real nnU-Net v2 training on the CPU under a control server.
 
-Starts `control-server serve` on a free port with a fresh SQLite store, runs the
-simulated trainer (`trainctl-sim`) on a plateauing curve whose second
-intervention collapses, prints every epoch's decision as the trainer saw it,
-then the run's audit as the server recorded it, proves the record replays, and
-stops the server.
+Starts `control-server serve` on a free port with a fresh SQLite store and the
+demo policy (`demo/policy.yaml`), writes a small synthetic dataset (bright
+discs on noise, 2D PNG) and plans and preprocesses it with nnU-Net, then trains
+it with `trainctl-nnunet` (the `nnUNetTrainerControlled` trainer) on the CPU,
+showing each epoch's decision as the trainer applied it. Afterwards it prints
+the run's timeline as the server recorded it, writes a PNG plot of it (the
+monitored loss with interventions and rollbacks marked, the LR on a second
+axis), proves that the record replays through the recorded policy, and stops
+the server. Everything lands under var/demo/.
+
+``demo.py --simulated`` runs the quick simulated demo instead (no torch): a
+simulated trainer whose second intervention collapses, so every kind of
+decision shows up, including a rollback.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -22,11 +33,33 @@ from trainer_client.api import control_pb2_grpc as pb_grpc
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE.parent / "var" / "demo"
-RUN_ID = "demo-Dataset042_Disc-2d-fold0"
-EPOCHS = 40
+DATASET_ID = 42
+NNUNET_RUN_ID = "Dataset042_Disc__nnUNetTrainerControlled__nnUNetPlans__2d__fold_0"
+SIM_RUN_ID = "demo-Dataset042_Disc-2d-fold0"
+SIM_EPOCHS = 40
+# Lines of the trainer's output worth showing live (the full log is kept).
+_SHOWN = re.compile(r"training control:|Mean Validation Dice|Traceback|Error")
 
 
-def start_server(store: str) -> tuple[subprocess.Popen[str], str]:
+def fresh(work: Path) -> None:
+    """Create `work`, removing what an earlier demo left there (and nothing else)."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in (
+        "nnunet",
+        "control.db",
+        "control.db-wal",
+        "control.db-shm",
+        "training.log",
+        "timeline.png",
+    ):
+        path = work / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def start_server(store: str, policy: Path) -> tuple[subprocess.Popen[str], str]:
     server = subprocess.Popen(
         [
             sys.executable,
@@ -40,7 +73,7 @@ def start_server(store: str) -> tuple[subprocess.Popen[str], str]:
             "--store",
             store,
             "--policy",
-            str(HERE / "policy.yaml"),
+            str(policy),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -55,9 +88,129 @@ def start_server(store: str) -> tuple[subprocess.Popen[str], str]:
     return server, match.group(1)
 
 
-def print_audit(target: str) -> None:
+def stop_server(server: subprocess.Popen[str]) -> None:
+    server.terminate()
+    server.communicate(timeout=30)
+
+
+def get_run(target: str, run_id: str) -> pb.GetRunResponse:
     with grpc.insecure_channel(target) as channel:
-        run = pb_grpc.ControlAdminStub(channel).GetRun(pb.GetRunRequest(run_id=RUN_ID))
+        response: pb.GetRunResponse = pb_grpc.ControlAdminStub(channel).GetRun(
+            pb.GetRunRequest(run_id=run_id), timeout=30
+        )
+    return response
+
+
+def replay(store: str) -> int:
+    print("\nReplaying the recorded reports through the recorded policy:", flush=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "control_server.cli",
+            "--log-level",
+            "WARNING",
+            "replay",
+            "--store",
+            store,
+        ],
+        check=False,
+    )
+    return result.returncode
+
+
+# --- the real thing ----------------------------------------------------------------------
+
+
+def train(target: str, env: dict[str, str], epochs: int, iterations: int, log: Path) -> int:
+    """Run trainctl-nnunet; show the control lines live, keep everything in `log`."""
+    command = [
+        sys.executable,
+        "-m",
+        "trainer_client.nnunet",
+        str(DATASET_ID),
+        "2d",
+        "0",
+        "--device",
+        "cpu",
+        "--epochs",
+        str(epochs),
+        "--iterations",
+        str(iterations),
+        "--val-iterations",
+        "3",
+        # One thread: two wait on each other whenever anything else runs on a 2-core box.
+        "--threads",
+        "1",
+    ]
+    print("$ TRAINCTL_SERVER=" + target + " trainctl-nnunet " + " ".join(command[3:]), flush=True)
+    with log.open("w", buffering=1) as sink:
+        trainer = subprocess.Popen(
+            command,
+            env={**env, "TRAINCTL_SERVER": target},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert trainer.stdout is not None
+        for line in trainer.stdout:
+            sink.write(line)
+            if _SHOWN.search(line):
+                # nnU-Net's timestamp prefix is noise here.
+                print("  " + re.sub(r"^\S+ \S+: ", "", line.rstrip()), flush=True)
+        return trainer.wait()
+
+
+def real(work: Path, epochs: int, iterations: int) -> int:
+    """The real demo; returns the exit code."""
+    from trainer_client.plot import format_timeline, plot_run, timeline_rows
+    from trainer_client.synthetic import make_disc_dataset, nnunet_env, plan_and_preprocess
+
+    started = time.monotonic()
+    fresh(work)
+    store = f"sqlite:///{work}/control.db"
+    env = nnunet_env(work / "nnunet")
+    server, target = start_server(store, HERE / "policy.yaml")
+    try:
+        print(f"\n1. A synthetic dataset (10 discs, 64x64 PNG) under {work / 'nnunet'}", flush=True)
+        make_disc_dataset(Path(env["nnUNet_raw"]), DATASET_ID)
+        print("   nnUNetv2_plan_and_preprocess -d 42 -c 2d (about 20 s) ...", flush=True)
+        plan_and_preprocess(DATASET_ID, env)
+
+        print(
+            f"\n2. nnU-Net trains it on the CPU under control ({epochs} epochs of {iterations} "
+            "iterations), each epoch's decision as the trainer applied it:",
+            flush=True,
+        )
+        log = work / "training.log"
+        code = train(target, env, epochs, iterations, log)
+        if code != 0:
+            print(f"demo: the training failed (exit {code}); its output: {log}", file=sys.stderr)
+            return code
+
+        run = get_run(target, NNUNET_RUN_ID)
+        summary = run.run
+        print(
+            f"\n3. The run as the server recorded it: {summary.run_id}\n"
+            f"   {summary.report_count} reports, {summary.intervention_count} interventions, "
+            f"last LR {summary.current_lr:.5f}\n"
+        )
+        print(format_timeline(timeline_rows(run)))
+        plot = plot_run(run, work / "timeline.png")
+        print(f"\nPlot of the run: {plot}")
+        print(f"nnU-Net's own output: {work / 'nnunet' / 'nnUNet_results'} (progress.png, log)")
+    finally:
+        stop_server(server)
+    code = replay(store)
+    print(f"\nStore: {work / 'control.db'}   ({time.monotonic() - started:.0f} s in all)")
+    return code
+
+
+# --- the simulated demo ------------------------------------------------------------------
+
+
+def print_audit(target: str) -> None:
+    run = get_run(target, SIM_RUN_ID)
     print(
         f"\nAudit of {run.run.run_id} as stored: {run.run.report_count} reports, "
         f"{run.run.intervention_count} interventions, last LR {run.run.current_lr:.4g}"
@@ -75,14 +228,13 @@ def print_audit(target: str) -> None:
         print(f"            {d.reason}")
 
 
-def main() -> int:
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
-    store = f"sqlite:///{WORK}/control.db"
-    server, target = start_server(store)
+def simulated(work: Path) -> int:
+    fresh(work)
+    store = f"sqlite:///{work}/control.db"
+    server, target = start_server(store, HERE / "simulated_policy.yaml")
     try:
         print(
-            f"\nSimulated nnU-Net training under control ({EPOCHS} epochs, "
+            f"\nSimulated nnU-Net training under control ({SIM_EPOCHS} epochs, "
             "the 2nd intervention collapses):\n",
             flush=True,
         )
@@ -94,9 +246,9 @@ def main() -> int:
                 "--target",
                 target,
                 "--run-id",
-                RUN_ID,
+                SIM_RUN_ID,
                 "--epochs",
-                str(EPOCHS),
+                str(SIM_EPOCHS),
                 "--scenario",
                 "collapse",
                 "--dataset",
@@ -106,24 +258,29 @@ def main() -> int:
         )
         print_audit(target)
     finally:
-        server.terminate()
-        server.communicate(timeout=30)
-    print("\nReplaying the recorded reports through the recorded policy:")
-    replay = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "control_server.cli",
-            "--log-level",
-            "WARNING",
-            "replay",
-            "--store",
-            store,
-        ],
-        check=False,
+        stop_server(server)
+    code = replay(store)
+    print(f"\nStore: {work / 'control.db'}")
+    return code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--simulated", action="store_true", help="the quick simulated demo (no torch)"
     )
-    print(f"\nStore: {WORK / 'control.db'}")
-    return replay.returncode
+    parser.add_argument("--epochs", type=int, default=30, help="real demo: epochs (default 30)")
+    parser.add_argument(
+        "--iterations", type=int, default=10, help="real demo: train iterations per epoch (10)"
+    )
+    parser.add_argument("--work", type=Path, help="output folder (default var/demo)")
+    args = parser.parse_args()
+    work = args.work.resolve() if args.work is not None else WORK
+    # The demo's children find this checkout even without an installed package.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
+    )
+    return simulated(work) if args.simulated else real(work, args.epochs, args.iterations)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
-"""`make demo` as a newcomer sees it: every kind of decision, the audit, a clean replay."""
+"""The simulated demo (`demo.py --simulated`): every kind of decision, the audit, a clean replay.
+
+`make demo` itself trains nnU-Net for real (minutes on a CPU); its parts are
+tested in tests/nnunet/.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
 
-def test_the_demo_shows_interventions_a_rollback_and_a_replayable_audit() -> None:
+def test_the_demo_shows_interventions_a_rollback_and_a_replayable_audit(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO / "demo" / "demo.py")],
+        [sys.executable, str(REPO / "demo" / "demo.py"), "--simulated", "--work", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,0 +1,257 @@
+"""nnUNetTrainerControlled trains for real on the CPU and really uses what was decided.
+
+Each test trains the synthetic disc dataset for a few epochs (5 + 2 iterations
+each) and asserts on what the trainer actually used: the optimizer's LR in the
+next epoch's steps, the loss object's weights, the parameters after a rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from tests.conftest import ServerThread
+from tests.nnunet.conftest import RecordingTrainer, ScriptedServer
+from trainer_client.api import control_pb2 as pb
+from trainer_client.api import control_pb2_grpc as pb_grpc
+from trainer_client.nnunet import CONTROL_LOG_KEY, CompositeLoss
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = {"dice": 1.0, "ce": 1.0}
+
+
+def get_run(target: str, run_id: str) -> pb.GetRunResponse:
+    with grpc.insecure_channel(target) as channel:
+        response: pb.GetRunResponse = pb_grpc.ControlAdminStub(channel).GetRun(
+            pb.GetRunRequest(run_id=run_id), timeout=10
+        )
+    return response
+
+
+def poly(epoch: int, epochs: int) -> float:
+    return float((1 - epoch / epochs) ** 0.9)
+
+
+@pytest.mark.timeout(240)
+def test_a_real_policy_steers_the_lr_and_loss_weights_the_optimizer_uses(
+    make_server: Callable[..., ServerThread], make_trainer: Callable[..., RecordingTrainer]
+) -> None:
+    server = make_server(policy_file=HERE / "intervene_early.yaml")
+    epochs = 5
+    trainer = make_trainer(epochs=epochs, server=server.target, plot=True)
+    trainer.run_training()
+
+    run = get_run(server.target, trainer.run_id)
+    assert trainer.run_id == "Dataset042_Disc__RecordingTrainer__nnUNetPlans__2d__fold_0"
+    assert [e.report.epoch for e in run.epochs] == list(range(epochs))
+    decisions = {e.report.epoch: e.decision for e in run.epochs}
+    reports = {e.report.epoch: e.report for e in run.epochs}
+    interventions = [e for e, d in decisions.items() if d.action == pb.INTERVENE]
+    assert interventions == [1, 2, 3], [pb.Action.Name(d.action) for d in decisions.values()]
+    assert [decisions[e].intervention_index for e in interventions] == [1, 2, 3]
+
+    expected_weights = dict(REFERENCE)
+    for epoch in range(1, epochs):
+        decided = decisions[epoch - 1]
+        if decided.action == pb.INTERVENE:
+            # Every step of the next epoch ran at exactly the decided LR ...
+            assert decided.HasField("lr")
+            assert trainer.lr_of(epoch) == pytest.approx(decided.lr, rel=1e-12)
+            # ... and nnU-Net's own LR log shows it.
+            assert trainer.logger.get_value("lrs", step=epoch) == pytest.approx(decided.lr)
+            if decided.loss_weights:
+                expected_weights = dict(decided.loss_weights)
+        else:
+            # PolyLR went on decaying from the last decided LR.
+            ratio = poly(epoch, epochs) / poly(epoch - 1, epochs)
+            expected = trainer.lr_of(epoch - 1) * ratio
+            assert trainer.lr_of(epoch) == pytest.approx(expected, rel=1e-12)
+        assert all(w == expected_weights for w in trainer.weights_of(epoch))
+        # The next report carries what the optimizer used, and the count.
+        assert dict(reports[epoch].loss_weights) == expected_weights
+        assert reports[epoch].current_lr == pytest.approx(trainer.logger.get_value("lrs", epoch))
+    assert reports[epochs - 1].intervention_count == 3
+    assert dict(decisions[3].loss_weights) == {"dice": 0.6, "focal": 0.4}
+    assert isinstance(trainer.loss, CompositeLoss) and trainer.loss.weights == {
+        "dice": 0.6,
+        "focal": 0.4,
+    }
+
+    for epoch, report in reports.items():
+        # The epoch mean of the steps' pre-clip norms (all finite here).
+        norms = trainer.norms[epoch]
+        assert len(norms) == 5 and all(math.isfinite(n) and n > 0 for n in norms)
+        assert report.avg_gradient_norm == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+        # Reported losses are nnU-Net's logged ones, computed with the reference weights.
+        assert report.train_loss == pytest.approx(trainer.logger.get_value("train_losses", epoch))
+        assert report.val_loss == pytest.approx(trainer.logger.get_value("val_losses", epoch))
+        assert report.initial_lr == 0.01 and report.labels.trainer == "RecordingTrainer"
+    assert trainer.loss.reference_weights == REFERENCE
+
+    output = Path(trainer.output_folder)
+    assert (output / "checkpoint_final.pth").is_file()
+    assert (output / "progress.png").is_file()
+    log = next(output.glob("training_log_*.txt")).read_text()
+    assert "training control: epoch 1: INTERVENE, next LR" in log
+
+
+@pytest.mark.timeout(240)
+def test_rollback_restores_the_snapshot_a_bad_decision_is_refused_and_stop_ends_cleanly(
+    scripted_server: Callable[..., ScriptedServer], make_trainer: Callable[..., RecordingTrainer]
+) -> None:
+    server = scripted_server(
+        {
+            0: {
+                "action": pb.INTERVENE,
+                "lr": 0.004,
+                "loss_weights": {"dice": 0.5, "focal": 0.5},
+                "intervention_index": 1,
+            },
+            1: {"action": pb.ROLLBACK, "lr": 0.0095, "loss_weights": {"dice": 1.0, "ce": 1.0}},
+            2: {
+                "action": pb.INTERVENE,
+                "lr": 0.5,
+                "loss_weights": {"dice": 0.5, "tversky": 0.5},
+                "intervention_index": 2,
+            },
+            3: {"action": pb.STOP, "reason": "Enough."},
+        }
+    )
+    trainer = make_trainer(epochs=10, server=server.target)
+    trainer.run_training()
+
+    # INTERVENE at 0: epoch 1 trains with the new LR and weights.
+    assert trainer.lr_of(1) == pytest.approx(0.004, rel=1e-12)
+    assert trainer.weights_of(1)[0] == {"dice": 0.5, "focal": 0.5}
+    # ROLLBACK at 1: epoch 2 starts from the parameters snapshotted at epoch 0,
+    # bit for bit, with the LR and weights from the decision.
+    snapshot = trainer.last_rollback
+    assert snapshot is not None and snapshot.epoch == 0
+    assert trainer.after_rollback is not None
+    epoch, state = trainer.after_rollback
+    assert epoch == 2
+    assert state.keys() == snapshot.network.keys()
+    assert all(torch.equal(state[k], snapshot.network[k]) for k in state)
+    assert trainer.checksums[1] != pytest.approx(trainer.checksums[0])
+    assert trainer.lr_of(2) == pytest.approx(0.0095, rel=1e-12)
+    assert trainer.weights_of(2)[0] == REFERENCE
+    # The unknown component at 2: refused, logged, nothing changed.
+    log = next(Path(trainer.output_folder).glob("training_log_*.txt")).read_text()
+    assert "ERROR: epoch 2: refused INTERVENE scripted-2: unknown loss component(s) tversky" in log
+    assert trainer.weights_of(3)[0] == REFERENCE
+    assert trainer.lr_of(3) == pytest.approx(0.0095 * poly(3, 10) / poly(2, 10), rel=1e-12)
+    assert [e.outcome for e in trainer.control_events] == ["applied", "applied", "refused", "stop"]
+    assert server.servicer.reports[3].intervention_count == 1
+    # STOP at 3: no epoch 4, and the final checkpoint is written.
+    assert max(e for e, _, _ in trainer.steps) == 3
+    assert [r.epoch for r in server.servicer.reports] == [0, 1, 2, 3]
+    final = torch.load(
+        Path(trainer.output_folder) / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    assert final["current_epoch"] == 4
+    assert final["logging"][CONTROL_LOG_KEY][-1]["stopped"] is True
+
+
+@pytest.mark.timeout(240)
+def test_resume_after_a_crash_keeps_run_id_interventions_lr_and_weights(
+    scripted_server: Callable[..., ScriptedServer], make_trainer: Callable[..., RecordingTrainer]
+) -> None:
+    server = scripted_server(
+        {
+            0: {
+                "action": pb.INTERVENE,
+                "lr": 0.003,
+                "loss_weights": {"dice": 0.7, "focal": 0.3},
+                "intervention_index": 1,
+            }
+        }
+    )
+    epochs = 4
+    crashing = make_trainer(
+        epochs=epochs, server=server.target, save_every=1, env={"TRAINCTL_RUN_ID": "crash-run"}
+    )
+    crashing.crash_after_epoch = 1
+    with pytest.raises(RuntimeError, match="simulated crash after epoch 1"):
+        crashing.run_training()
+    expected_lr_2 = 0.003 * poly(2, epochs) / poly(1, epochs)
+
+    # The restart, as `trainctl-nnunet ... --c`: no TRAINCTL_RUN_ID this time.
+    resumed = make_trainer(
+        epochs=epochs, server=server.target, continue_training=True, env={"TRAINCTL_RUN_ID": ""}
+    )
+    checkpoint = Path(resumed.output_folder) / "checkpoint_latest.pth"
+    resumed.load_checkpoint(str(checkpoint))
+    assert resumed.current_epoch == 2
+    assert resumed.run_id == "crash-run"
+    assert resumed.run_state.intervention_count == 1
+    assert resumed.loss.weights == {"dice": 0.7, "focal": 0.3}
+    assert resumed.loss.reference_weights == REFERENCE
+    resumed.run_training()
+
+    assert resumed.lr_of(2) == pytest.approx(expected_lr_2, rel=1e-12)
+    assert resumed.weights_of(3)[0] == {"dice": 0.7, "focal": 0.3}
+    after = [r for r in server.servicer.reports if r.epoch >= 2]
+    assert [r.epoch for r in after] == [2, 3]
+    assert {r.run_id for r in server.servicer.reports} == {"crash-run"}
+    assert all(r.intervention_count == 1 for r in after)
+    assert after[0].current_lr == pytest.approx(expected_lr_2)
+    # nnU-Net's own logs run on seamlessly: one entry per epoch.
+    assert len(resumed.logger.get_value("lrs", step=None)) == epochs
+    assert len(resumed.logger.get_value(CONTROL_LOG_KEY, step=None)) == epochs
+
+
+def assert_unchanged_training(
+    trainer: RecordingTrainer, epochs: int, deadline_s: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    for epoch in range(epochs):
+        assert trainer.lr_of(epoch) == pytest.approx(0.01 * poly(epoch, epochs), rel=1e-12)
+        assert all(w == REFERENCE for w in trainer.weights_of(epoch))
+    assert [e.outcome for e in trainer.control_events] == ["no decision"] * epochs
+    # At most the deadline per epoch (plus scheduling slack on a busy machine).
+    assert all(e.seconds <= deadline_s + 1.0 for e in trainer.control_events)
+    warnings = [r for r in caplog.records if r.name == "trainer_client.client"]
+    assert len(warnings) == epochs and all(r.levelno == logging.WARNING for r in warnings)
+    assert (Path(trainer.output_folder) / "checkpoint_final.pth").is_file()
+
+
+@pytest.mark.timeout(240)
+def test_without_a_server_the_training_completes_unchanged(
+    make_trainer: Callable[..., RecordingTrainer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trainer_client.client")
+    trainer = make_trainer(epochs=2, server=None, deadline_s=0.5)
+    trainer.run_training()
+    assert_unchanged_training(trainer, 2, 0.5, caplog)
+
+
+@pytest.mark.timeout(240)
+def test_a_server_that_never_answers_costs_at_most_the_deadline_per_epoch(
+    scripted_server: Callable[..., ScriptedServer],
+    make_trainer: Callable[..., RecordingTrainer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="trainer_client.client")
+    server = scripted_server({}, hang=True)
+    trainer = make_trainer(epochs=2, server=server.target, deadline_s=0.5)
+    trainer.run_training()
+    assert_unchanged_training(trainer, 2, 0.5, caplog)
+    assert all(e.seconds >= 0.4 for e in trainer.control_events)
+    assert len(server.servicer.reports) >= 2
+
+
+@pytest.mark.timeout(240)
+def test_with_fail_open_off_an_absent_server_stops_the_training(
+    make_trainer: Callable[..., RecordingTrainer],
+) -> None:
+    trainer = make_trainer(
+        epochs=2, server=None, deadline_s=0.5, env={"TRAINCTL_FAIL_OPEN": "false"}
+    )
+    with pytest.raises(RuntimeError, match="rank 0 failed to report: ControlUnavailable"):
+        trainer.run_training()
+    assert max(e for e, _, _ in trainer.steps) == 0
