@@ -10,7 +10,16 @@ measured alternately and the medians reported, so drift on a shared machine
 cancels out. After each control measurement the audit is checked: the SQLite
 file must hold at least one decision row per successful reply.
 
-The last line is machine-readable:
+With PostgreSQL reachable (``--postgres``, default the local test server), the
+same rounds also measure the control server on a fresh PostgreSQL database,
+first one process ("pg") and then two processes on that database ("pg x2"):
+the load generator's channels balance every call round-robin over both
+(gRPC's client-side ``round_robin`` policy, as a gRPC-aware load balancer
+would), so each run hops between the replicas from epoch to epoch. Their
+ratios to SQLite and to one replica are printed before the last line; without
+PostgreSQL that part is skipped with a note.
+
+The last line is machine-readable, for the SQLite single server:
 ``bench: decisions_per_s=N p50_ms=N p99_ms=N vs_echo=R``.
 """
 
@@ -31,9 +40,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -51,6 +61,8 @@ RUN_LABELS = {"dataset": "Dataset999_Bench", "configuration": "3d_fullres", "fol
 CONTENDED_CPUS = 0.25
 # One run in this many hits the "collapse" scenario, so ROLLBACKs happen too.
 COLLAPSE_EVERY = 4
+#: The admin connection used to create (and drop) the bench's PostgreSQL database.
+DEFAULT_POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -188,7 +200,9 @@ class Measurement:
         )
 
 
-async def drive(target: str, label: str, load: Load) -> Measurement:
+async def drive(
+    target: str, label: str, load: Load, options: Sequence[tuple[str, str | int]] = ()
+) -> Measurement:
     """Run `load.in_flight` simulated runs against `target` for warm-up + seconds.
 
     Each run reports epoch after epoch and applies each decision; a finished
@@ -200,7 +214,9 @@ async def drive(target: str, label: str, load: Load) -> Measurement:
     interval = load.in_flight / load.rate if load.rate > 0 else 0.0
     # Distinct channel args keep the channels from sharing one connection.
     channels = [
-        grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, ("bench.channel", i)])
+        grpc.aio.insecure_channel(
+            target, options=[*CHANNEL_OPTIONS, *options, ("bench.channel", i)]
+        )
         for i in range(min(load.channels, load.in_flight))
     ]
     clock = time.perf_counter
@@ -258,21 +274,56 @@ async def drive(target: str, label: str, load: Load) -> Measurement:
     return result
 
 
-def measure(server: ServerProcess, label: str, load: Load, idle: ServerProcess) -> Measurement:
-    """One load phase against a live server, with the CPU time it and others used meanwhile."""
-    server.check_alive()
-    meters = (server.cpu_seconds, idle.cpu_seconds, time.process_time, machine_busy_seconds)
+@dataclass
+class Target:
+    """What one measurement drives: one server, or several on one store behind the
+    client's round_robin balancing (every call to the next server in turn)."""
+
+    name: str
+    description: str
+    servers: list[ServerProcess]
+    audit: Callable[[Measurement], tuple[bool, str]] | None = None
+
+    @property
+    def address(self) -> str:
+        if len(self.servers) == 1:
+            return self.servers[0].target
+        return "ipv4:" + ",".join(s.target for s in self.servers)
+
+    @property
+    def options(self) -> list[tuple[str, str | int]]:
+        return [("grpc.lb_policy_name", "round_robin")] if len(self.servers) > 1 else []
+
+
+def _cpu(servers: Sequence[ServerProcess]) -> float | None:
+    used = [s.cpu_seconds() for s in servers]
+    return None if any(u is None for u in used) else sum(u for u in used if u is not None)
+
+
+def measure(
+    target: Target, label: str, load: Load, everyone: Sequence[ServerProcess]
+) -> Measurement:
+    """One load phase against a live target, with the CPU time it and others used meanwhile."""
+    for server in everyone:
+        server.check_alive()
+    meters: list[Callable[[], float | None]] = [
+        lambda: _cpu(target.servers),
+        lambda: _cpu(everyone),
+        time.process_time,
+        machine_busy_seconds,
+    ]
     before = [meter() for meter in meters]
     started = time.perf_counter()
-    result = asyncio.run(drive(server.target, label, load))
+    result = asyncio.run(drive(target.address, label, load, target.options))
     wall = time.perf_counter() - started
     after = [meter() for meter in meters]
-    server.check_alive()
+    for server in everyone:
+        server.check_alive()
     used = [b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None]
     if before[0] is not None and after[0] is not None:
         result.server_cpu_s = after[0] - before[0]
     if len(used) == len(meters):
-        ours = used[0] + used[1] + used[2]
+        ours = used[1] + used[2]
         result.others_cpus = max(0.0, (used[3] - ours) / wall)
     return result
 
@@ -283,14 +334,30 @@ def audited_decisions(db: Path, prefix: str) -> dict[str, int]:
         rows = conn.execute(
             "SELECT action, COUNT(*) FROM decisions WHERE run_id >= ? AND run_id < ? "
             "GROUP BY action",
-            (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+            (prefix, _prefix_end(prefix)),
         ).fetchall()
     return {str(action): int(count) for action, count in rows}
 
 
-def audit_ok(db: Path, m: Measurement) -> tuple[bool, str]:
+def pg_audited_decisions(url: str, prefix: str) -> dict[str, int]:
+    """As `audited_decisions`, from a PostgreSQL database."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT action, count(*) FROM decisions WHERE run_id >= %s AND run_id < %s "
+            "GROUP BY action",
+            (prefix, _prefix_end(prefix)),
+        ).fetchall()
+    return {str(action): int(count) for action, count in rows}
+
+
+def _prefix_end(prefix: str) -> str:
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def audit_note(by_action: dict[str, int], m: Measurement) -> tuple[bool, str]:
     """Whether the audit holds a decision row for every successful reply, and a note."""
-    by_action = audited_decisions(db, m.prefix)
     rows = sum(by_action.values())
     ok = rows >= m.replies
     actions = ", ".join(f"{a} {n}" for a, n in sorted(by_action.items()) if a != "NONE")
@@ -304,52 +371,127 @@ def start_servers(tmp: Path, db: Path, policy: Path, servers: list[ServerProcess
     """Start the echo and the control server (appended to `servers` as they start)."""
     echo = [sys.executable, str(REPO / "benchmarks" / "echo_server.py"), "--listen", LISTEN]
     servers.append(ServerProcess.start("echo", echo, tmp / "echo.log"))
-    control = [sys.executable, "-m", "control_server.cli", "serve", "--listen", LISTEN,
-               "--store", f"sqlite:///{db}", "--policy", str(policy)]  # fmt: skip
-    servers.append(ServerProcess.start("control", control, tmp / "control.log"))
-
-
-def summary(name: str, unit: str, ms: Sequence[Measurement]) -> str:
-    """One line of medians over repeated measurements of one server."""
-    cpus = [c for c in (m.cpu_us_per_reply for m in ms) if c is not None]
-    cpu = f"  server CPU {statistics.median(cpus):4.0f} us/reply" if cpus else ""
-    return (
-        f"  {name:<7} {statistics.median(m.rate for m in ms):7.0f} {unit:<11}  "
-        f"p50 {statistics.median(m.quantile_ms(0.5) for m in ms):6.2f} ms  "
-        f"p99 {statistics.median(m.quantile_ms(0.99) for m in ms):6.2f} ms{cpu}"
+    servers.append(
+        ServerProcess.start("control", control_argv(f"sqlite:///{db}", policy), tmp / "control.log")
     )
 
 
+def control_argv(store_url: str, policy: Path) -> list[str]:
+    return [sys.executable, "-m", "control_server.cli", "serve", "--listen", LISTEN,
+            "--store", store_url, "--policy", str(policy)]  # fmt: skip
+
+
+def create_postgres_database(admin_url: str) -> tuple[str | None, str]:
+    """A fresh database for the bench on the server of `admin_url`: (its URL, "") or
+    (None, why not)."""
+    try:
+        import psycopg
+        from psycopg import sql
+    except ImportError:
+        return None, "psycopg is not installed (pip install -e '.[postgres]')"
+    name = f"tc_bench_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        return None, f"cannot create a database through {admin_url}: {' '.join(str(exc).split())}"
+    return urlsplit(admin_url)._replace(path=f"/{name}").geturl(), ""
+
+
+def drop_postgres_database(admin_url: str, url: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    name = urlsplit(url).path.lstrip("/")
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+    except psycopg.Error as exc:
+        print(f"bench: could not drop the bench database {name}: {exc}", file=sys.stderr)
+
+
+def summary(name: str, unit: str, ms: Sequence[Measurement]) -> str:
+    """One line of medians over repeated measurements of one target."""
+    cpus = [c for c in (m.cpu_us_per_reply for m in ms) if c is not None]
+    cpu = f"  server CPU {statistics.median(cpus):4.0f} us/reply" if cpus else ""
+    return (
+        f"  {name:<7} {_rate(ms):7.0f} {unit:<11}  "
+        f"p50 {statistics.median(m.quantile_ms(0.5) for m in ms):6.2f} ms  "
+        f"p99 {_p99(ms):6.2f} ms{cpu}"
+    )
+
+
+def _rate(ms: Sequence[Measurement]) -> float:
+    return statistics.median(m.rate for m in ms)
+
+
+def _p99(ms: Sequence[Measurement]) -> float:
+    return statistics.median(m.quantile_ms(0.99) for m in ms)
+
+
 def run_bench(args: argparse.Namespace, tmp: Path) -> int:
-    """Start both servers, measure alternately, print the summary; return the exit code."""
+    """Start the servers, measure them in alternation, print the summary; return the
+    exit code."""
     db = tmp / "control.db"
     load = Load(args.in_flight, args.warmup, args.seconds, args.epochs, args.channels)
     light = [("1 in flight", replace(load, in_flight=1, seconds=args.light_seconds))]
     if args.rate > 0:
         title = f"{args.in_flight} runs at {args.rate:g} reports/s"
         light.append((title, replace(load, seconds=args.light_seconds, rate=args.rate)))
-    results: dict[str, list[Measurement]] = {"echo": [], "control": []}
-    light_results: dict[str, list[Measurement]] = {"echo": [], "control": []}
     failed = False
     servers: list[ServerProcess] = []
+    pg_url, pg_note = (
+        create_postgres_database(args.postgres) if args.postgres else (None, "--postgres ''")
+    )
     try:
         start_servers(tmp, db, args.policy, servers)
+        echo, control = servers
+        targets = [
+            Target("echo", "bare aio echo, no store", [echo]),
+            Target(
+                "control",
+                "SQLite, 1 server",
+                [control],
+                lambda m: audit_note(audited_decisions(db, m.prefix), m),
+            ),
+        ]
+        if pg_url is not None:
+            replicas = []
+            for i in (1, 2):
+                argv = control_argv(pg_url, args.policy)
+                replicas.append(ServerProcess.start(f"pg{i}", argv, tmp / f"pg{i}.log"))
+                servers.append(replicas[-1])
+
+            def pg_audit(m: Measurement) -> tuple[bool, str]:
+                assert pg_url is not None
+                return audit_note(pg_audited_decisions(pg_url, m.prefix), m)
+
+            targets += [
+                Target("pg", "PostgreSQL, 1 server", replicas[:1], pg_audit),
+                Target("pg x2", "PostgreSQL, 2 servers, round_robin", replicas, pg_audit),
+            ]
         print(
             f"bench: {load.in_flight} runs in flight, {load.seconds:g} s per measurement after "
-            f"{load.warmup:g} s warm-up, {args.repeats} x (echo, control); "
-            f"echo {servers[0].target}, control {servers[1].target} (SQLite)",
+            f"{load.warmup:g} s warm-up, {args.repeats} x ({', '.join(t.name for t in targets)}); "
+            + "; ".join(f"{t.name} {t.address} ({t.description})" for t in targets),
             flush=True,
         )
+        if pg_url is None:
+            print(f"bench: PostgreSQL comparison skipped: {pg_note}", flush=True)
+        results: dict[str, list[Measurement]] = {t.name: [] for t in targets}
+        light_results: dict[str, list[Measurement]] = {t.name: [] for t in targets}
         phases = [(str(r), load, results) for r in range(1, args.repeats + 1)]
         phases += [(f"L{i}", lo, light_results) for i, (_, lo) in enumerate(light, 1)]
         for tag, phase, sink in phases:
-            for server in servers:
-                idle = servers[1] if server is servers[0] else servers[0]
-                m = measure(server, f"{server.name}{tag}", phase, idle)
-                sink[server.name].append(m)
-                line = f"  {server.name:<7} #{tag}: {m.describe()}"
-                if server.name == "control":
-                    ok, note = audit_ok(db, m)
+            for target in targets:
+                label = target.name.replace(" ", "")
+                m = measure(target, f"{label}{tag}", phase, servers)
+                sink[target.name].append(m)
+                line = f"  {target.name:<7} #{tag}: {m.describe()}"
+                if target.audit is not None:
+                    ok, note = target.audit(m)
                     failed |= not ok
                     line += f"; {note}"
                 failed |= m.errors > 0
@@ -357,6 +499,8 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> int:
     finally:
         for server in servers:
             server.stop()
+        if pg_url is not None:
+            drop_postgres_database(args.postgres, pg_url)
 
     print_summary(results, light_results, [title for title, _ in light], failed)
     return 1 if failed else 0
@@ -368,27 +512,49 @@ def print_summary(
     light_titles: Sequence[str],
     failed: bool,
 ) -> None:
-    """The human summary, then the one machine-readable last line."""
+    """The human summary, the store and replica comparison, then the one machine-readable
+    last line (SQLite, one server)."""
     control = results["control"]
-    echo_rate = statistics.median(m.rate for m in results["echo"])
-    rate = statistics.median(m.rate for m in control)
+    echo_rate = _rate(results["echo"])
+    rate = _rate(control)
     p50 = statistics.median(m.quantile_ms(0.5) for m in control)
-    p99 = statistics.median(m.quantile_ms(0.99) for m in control)
+    p99 = _p99(control)
     print(f"medians of {len(control)} measurements of each server:")
     print(summary("echo", "RPC/s", results["echo"]))
-    print(summary("control", "decisions/s", control))
-    pairs = zip(light_titles, light_results["echo"], light_results["control"], strict=True)
-    for title, e, c in pairs:
-        print(
-            f"latency at {title}: control p50 {c.quantile_ms(0.5):.2f} ms, "
-            f"p99 {c.quantile_ms(0.99):.2f} ms ({c.rate:.0f}/s); "
-            f"echo p50 {e.quantile_ms(0.5):.2f} ms, p99 {e.quantile_ms(0.99):.2f} ms"
-        )
-    others = [m.others_cpus for ms in results.values() for m in ms if m.others_cpus is not None]
+    for name in results:
+        if name != "echo":
+            print(summary(name, "decisions/s", results[name]))
+    for index, title in enumerate(light_titles):
+        parts = [
+            f"{name} p50 {m.quantile_ms(0.5):.2f} ms, p99 {m.quantile_ms(0.99):.2f} ms"
+            + (f" ({m.rate:.0f}/s)" if name != "echo" else "")
+            for name, m in ((name, ms[index]) for name, ms in light_results.items())
+        ]
+        print(f"latency at {title}: " + "; ".join(parts))
+    own_store = [m.others_cpus for n in ("echo", "control") for m in results[n]]
+    others = [o for o in own_store if o is not None]
     if others and statistics.median(others) > CONTENDED_CPUS:
         print(
             f"warning: other processes kept {statistics.median(others):.1f} CPUs busy during "
             "the measurements (median): absolute numbers are low, compare the ratio"
+        )
+    if "pg" in results:
+        pg, pg2 = results["pg"], results["pg x2"]
+        print("stores and replicas (same run, same load; PostgreSQL's own CPU counts as others'):")
+        print(
+            f"  PostgreSQL vs SQLite, 1 server:   {_rate(pg) / rate:.2f}x decisions/s, "
+            f"p99 {_p99(pg) / p99:.2f}x ({_rate(pg):.0f}/s, p99 {_p99(pg):.1f} ms "
+            f"vs {rate:.0f}/s, p99 {p99:.1f} ms)"
+        )
+        print(
+            f"  PostgreSQL, 2 servers vs 1:       {_rate(pg2) / _rate(pg):.2f}x decisions/s, "
+            f"p99 {_p99(pg2) / _p99(pg):.2f}x ({_rate(pg2):.0f}/s, p99 {_p99(pg2):.1f} ms)"
+        )
+        print(
+            f"bench: postgres decisions_per_s={_rate(pg):.0f} p99_ms={_p99(pg):.1f} "
+            f"vs_sqlite={_rate(pg) / rate:.2f}; two_replicas decisions_per_s={_rate(pg2):.0f} "
+            f"p99_ms={_p99(pg2):.1f} vs_one={_rate(pg2) / _rate(pg):.2f}",
+            flush=True,
         )
     if failed:
         print("bench: FAILED: call errors, or decisions missing from the audit", file=sys.stderr)
@@ -405,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--in-flight", type=int, default=64, help="concurrent simulated runs (default 64)")
     add("--seconds", type=float, default=5.0, help="measured seconds per phase (default 5)")
     add("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
-    add("--repeats", type=int, default=3, help="(echo, control) pairs measured (default 3)")
+    add("--repeats", type=int, default=3,
+        help="rounds of (echo, control[, pg, pg x2]) measured (default 3)")  # fmt: skip
     add("--channels", type=int, default=1, help="client channels the runs share (default 1)")
     add("--epochs", type=int, default=100, help="epochs per simulated run (default 100)")
     add("--rate", type=float, default=500.0,
@@ -414,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured seconds of each low-load latency phase (default 2)")  # fmt: skip
     add("--policy", type=Path, default=DEFAULT_POLICY,
         help="policy YAML for the control server (default: the packaged default)")  # fmt: skip
+    add("--postgres", default=DEFAULT_POSTGRES, metavar="URL",
+        help="PostgreSQL server to compare with (a fresh database is created and dropped "
+             f"through this URL; '' skips; default {DEFAULT_POSTGRES})")  # fmt: skip
     return parser
 
 

@@ -18,6 +18,7 @@ from control_server.policy.document import PolicyDoc, default_policy, load_polic
 from control_server.service import ControlService, store_policy
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
 from control_server.store import GroupCommitter, Store, open_store
+from control_server.store.factory import redact_url
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
@@ -35,7 +36,7 @@ class ServerConfig:
 
     #: HOST:PORT to listen on; port 0 picks a free port (read it back from RunningServer).
     listen: str = "127.0.0.1:50051"
-    #: Store URL: sqlite:///path/control.db (postgresql:// arrives with issue 5).
+    #: Store URL: sqlite:///path/control.db or postgresql://user@host:port/db.
     store_url: str = "sqlite:///control.db"
     #: YAML policy to store and activate at start; None keeps the stored active one
     #: (or the packaged default on an empty store).
@@ -179,7 +180,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     logger.info(
         "serving on port %d (store %s, policy %s, auth %s, tls %s)",
         port,
-        config.store_url,
+        redact_url(config.store_url),
         version,
         config.auth_file or "off",
         "off" if credentials is None else "mutual" if config.tls_client_ca else "on",

@@ -19,6 +19,7 @@ from control_server.policy.document import PolicyDoc, load_policy_file
 from control_server.replay import replay_store
 from control_server.service import PolicyCache
 from control_server.store import open_store
+from control_server.store.factory import redact_url
 
 logger = logging.getLogger("control_server")
 
@@ -40,7 +41,7 @@ async def _serve(config: ServerConfig) -> None:
     host = config.listen.rsplit(":", 1)[0]
     # The one line scripts parse to find the port (the demo, users of port 0).
     print(
-        f"control-server: serving on {host}:{running.port} store={config.store_url} "
+        f"control-server: serving on {host}:{running.port} store={redact_url(config.store_url)} "
         f"policy={running.policy_version}",
         flush=True,
     )

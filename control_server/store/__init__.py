@@ -1,8 +1,24 @@
-"""Storage: the contract, the backends, the URL factory and the group committer."""
+"""Storage: the contract, the backends, the URL factory and the group committer.
+
+`PostgresStore` is imported on first use: psycopg is an optional extra (`postgres`).
+"""
+
+from typing import TYPE_CHECKING
 
 from control_server.store.base import Store
 from control_server.store.committer import GroupCommitter
 from control_server.store.factory import open_store
 from control_server.store.sqlite import SqliteStore
 
-__all__ = ["GroupCommitter", "SqliteStore", "Store", "open_store"]
+if TYPE_CHECKING:
+    from control_server.store.postgres import PostgresStore
+
+__all__ = ["GroupCommitter", "PostgresStore", "SqliteStore", "Store", "open_store"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "PostgresStore":
+        from control_server.store.postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

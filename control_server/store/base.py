@@ -1,8 +1,10 @@
 """The storage contract every backend implements (SQLite and PostgreSQL).
 
 Methods are synchronous and thread-safe: reads may be called from the event
-loop thread, `decide_and_record` from the group-commit writer thread. Each
-backend keeps one connection per thread. Timestamps come back timezone-aware (UTC).
+loop thread, `decide_and_record` from the group-commit writer thread. A thread
+never shares a connection with another (SQLite keeps one per thread; PostgreSQL
+checks one out of its pool per transaction). Timestamps come back timezone-aware
+(UTC).
 """
 
 from __future__ import annotations

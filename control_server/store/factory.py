@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from control_server.store.base import Store
 from control_server.store.sqlite import SqliteStore
@@ -18,7 +19,9 @@ def open_store(url: str) -> Store:
 
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` (as
     SQLAlchemy spells them) open or create a SQLite file, creating its parent
-    directories. ``postgresql://user@host:port/db`` arrives with issue 5.
+    directories. ``postgresql://user[:password]@host:port/db[?param=value]`` (or
+    ``postgres://``, or ``postgresql+psycopg://``) opens a PostgreSQL database through
+    a connection pool; libpq parameters such as ``sslmode`` go in the query string.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -27,7 +30,14 @@ def open_store(url: str) -> Store:
     if backend == "sqlite":
         return SqliteStore(_sqlite_path(url, rest))
     if backend in _POSTGRES_SCHEMES:
-        raise ValueError(f"PostgreSQL store arrives with issue 5 (URL scheme {scheme!r})")
+        try:
+            from control_server.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise ValueError(
+                f"a PostgreSQL store needs psycopg: pip install 'training-control[postgres]' "
+                f"({exc})"
+            ) from exc
+        return PostgresStore(f"postgresql://{rest}")
     raise ValueError(
         f"unknown store URL scheme {scheme!r} in {url!r}; "
         "expected sqlite:///path.db or postgresql://..."
@@ -49,3 +59,17 @@ def _sqlite_path(url: str, rest: str) -> Path:
     file.parent.mkdir(parents=True, exist_ok=True)
     logger.debug("sqlite store at %s", file)
     return file
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password, for messages and logs. (libpq also reads the
+    password from PGPASSWORD or ~/.pgpass, which keeps it out of the URL.)"""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from types import MappingProxyType
@@ -44,14 +43,14 @@ from control_server.domain import (
     frozen_map,
 )
 from control_server.store.base import Store
+from control_server.store.schema import SQLITE_MIGRATIONS, check_level, load_migrations
 
 logger = logging.getLogger(__name__)
 
 #: The numbered migration files shipped with the package.
-MIGRATIONS: Traversable = resources.files("control_server.store").joinpath("migrations")
+MIGRATIONS: Traversable = SQLITE_MIGRATIONS
 
 _JSON = json.JSONEncoder(sort_keys=True)
-_MIGRATION_NAME = re.compile(r"(\d{4})_\w+\.sql")
 
 # Column lists shared by the queries and the row mappers below (order matters).
 _LABELS = "dataset, configuration, fold, trainer, plans, host"
@@ -162,6 +161,7 @@ class SqliteStore(Store):
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
+        _require_writable(Path(self._path))
         try:
             conn = self._connection()
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -169,11 +169,11 @@ class SqliteStore(Store):
                 raise StoreUnavailable(
                     f"sqlite store {self._path}: cannot use WAL (journal_mode={mode})"
                 )
-            self._level = _migrate(conn, _load_migrations(migrations))
+            self._level = _migrate(conn, load_migrations(migrations))
         except BaseException as exc:
             self.close()
             if isinstance(exc, sqlite3.Error):
-                raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
+                raise _unavailable(self._path, exc) from exc
             raise
         logger.info("opened sqlite store %s (schema %d)", self._path, self._level)
 
@@ -196,7 +196,7 @@ class SqliteStore(Store):
                 check_same_thread=False,
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
+            raise _unavailable(self._path, exc) from exc
         with self._lock:
             if not self._closed:
                 self._connections.append(conn)
@@ -208,7 +208,7 @@ class SqliteStore(Store):
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
+            raise _unavailable(self._path, exc) from exc
         self._local.conn = conn
         return conn
 
@@ -230,7 +230,7 @@ class SqliteStore(Store):
         except BaseException as exc:
             _rollback(conn)
             if isinstance(exc, sqlite3.Error):
-                raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
+                raise _unavailable(self._path, exc) from exc
             raise
 
     @contextmanager
@@ -321,7 +321,7 @@ class SqliteStore(Store):
                 .fetchall()
             )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite store {self._path}: {exc}") from exc
+            raise _unavailable(self._path, exc) from exc
         head = rows[0][:_N_CONTEXT_HEAD]
         active, shadow, pinned = head[0], head[1], head[2]
         override = _override_from(head[3:]) if head[3] is not None else None
@@ -670,38 +670,12 @@ class SqliteStore(Store):
 # --- migrations -------------------------------------------------------------------------
 
 
-def _load_migrations(source: Traversable) -> list[tuple[str, str]]:
-    """(name, sql) of files 0001_*.sql, 0002_*.sql, ... in order; gaps are an error."""
-    found: dict[int, Traversable] = {}
-    for entry in source.iterdir():
-        match = _MIGRATION_NAME.fullmatch(entry.name)
-        if match is None:
-            continue
-        level = int(match.group(1))
-        if level in found:
-            raise RuntimeError(
-                f"two migrations numbered {level:04d}: {found[level].name} and {entry.name}"
-            )
-        found[level] = entry
-    if sorted(found) != list(range(1, len(found) + 1)):
-        raise RuntimeError(
-            f"migrations must be numbered 0001, 0002, ... without gaps, but got {sorted(found)}"
-        )
-    return [
-        (found[level].name, found[level].read_text(encoding="utf-8")) for level in sorted(found)
-    ]
-
-
 def _migrate(conn: sqlite3.Connection, migrations: list[tuple[str, str]]) -> int:
     """Apply the migrations the database lacks, one transaction each; return the level."""
     known = len(migrations)
     level = _level(conn)
     while True:
-        if level > known:
-            raise StoreUnavailable(
-                f"database schema version {level} is newer than this control-server knows "
-                f"({known}); upgrade control-server or use another store"
-            )
+        check_level(level, known)
         if level == known:
             return level
         conn.execute("BEGIN IMMEDIATE")
@@ -747,6 +721,56 @@ def _statements(script: str) -> Iterator[str]:
             buffer = ""
     if buffer.strip(";").strip():
         raise ValueError(f"incomplete SQL statement at the end of a migration: {buffer[:80]!r}")
+
+
+# Primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+
+
+def _on_read_only_volume(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _unavailable(path: str, exc: sqlite3.Error) -> StoreUnavailable:
+    """StoreUnavailable for a sqlite3 error, saying what an operator can do about it."""
+    message = f"sqlite store {path}: {exc}"
+    code = getattr(exc, "sqlite_errorcode", None)
+    code = code & 0xFF if isinstance(code, int) else None
+    if code == _SQLITE_FULL:
+        message += " (the volume holding it is full; it serves again once there is room)"
+    elif code in (_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN) and _on_read_only_volume(
+        Path(path).parent
+    ):
+        message += " (the volume holding it is mounted read-only)"
+    elif code == _SQLITE_READONLY:
+        message += " (its file or its directory does not allow writes)"
+    elif code == _SQLITE_IOERR:
+        # ext4 turns a volume read-only on errors without saying so in statvfs.
+        message += " (the volume holding it failed or turned read-only; see the kernel log)"
+    return StoreUnavailable(message)
+
+
+def _require_writable(path: Path) -> None:
+    """Refuse a store this process could read but not write.
+
+    SQLite would open it read-only and keep it so, answering every report with
+    an error, until every connection of the process closed: better to say so
+    at start.
+    """
+    for target in (path, path.parent):
+        if target.exists() and not os.access(target, os.W_OK):
+            why = (
+                "the volume holding it is mounted read-only"
+                if _on_read_only_volume(target)
+                else "permission denied"
+            )
+            raise StoreUnavailable(f"sqlite store {path}: cannot write to {target} ({why})")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

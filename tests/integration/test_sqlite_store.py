@@ -344,11 +344,6 @@ def test_relative_and_absolute_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        (
-            "postgresql://user@db:5432/control",
-            "PostgreSQL store arrives with issue 5 .*'postgresql'",
-        ),
-        ("postgresql+psycopg://db/control", "issue 5"),
         ("mysql://db/control", "unknown store URL scheme 'mysql'"),
         ("control.db", "scheme://"),
         ("sqlite:///:memory:", "must name a file"),

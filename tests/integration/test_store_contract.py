@@ -1,12 +1,16 @@
 """The storage contract, run against every backend.
 
 A backend joins by adding its name to BACKENDS and a branch to `_store_url`.
+PostgreSQL runs on the system server (tests/pg.py), in a database of this
+module that each test gets emptied; without the server the PostgreSQL half
+skips, or fails with CI=true.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from itertools import count
@@ -20,6 +24,7 @@ from control_server.domain import (
     Decision,
     DecisionFilter,
     DecisionRecord,
+    InvalidArgument,
     NotFound,
     Override,
     PolicyPin,
@@ -34,8 +39,9 @@ from control_server.domain import (
     frozen_map,
 )
 from control_server.store import Store, open_store
+from tests.pg import empty_tables, fresh_database, system_admin_url
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 T0 = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 LABELS = RunLabels(
@@ -49,17 +55,32 @@ LABELS = RunLabels(
 _ids = count()
 
 
-def _store_url(backend: str, tmp_path: Path) -> str:
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    """This module's PostgreSQL database (migrated by the first store opened on it)."""
+    with fresh_database(system_admin_url()) as url:
+        yield url
+
+
+@contextmanager
+def _store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty store of `backend`, for the body of the ``with``."""
     if backend == "sqlite":
-        return f"sqlite:///{tmp_path}/contract/control.db"
-    raise AssertionError(f"no URL for backend {backend!r}")
+        yield f"sqlite:///{tmp_path}/contract/control.db"
+    elif backend == "postgresql":
+        url = request.getfixturevalue("pg_database")
+        empty_tables(url)
+        yield url
+    else:
+        raise AssertionError(f"no URL for backend {backend!r}")
 
 
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    opened = open_store(_store_url(request.param, tmp_path))
-    yield opened
-    opened.close()
+    with _store_url(request.param, request, tmp_path) as url:
+        opened = open_store(url)
+        yield opened
+        opened.close()
 
 
 def make_report(run_id: str = "run-a", epoch: int = 0, **fields: Any) -> Report:
@@ -813,3 +834,79 @@ def test_decisions_after_a_cursor_in_commit_order(store: Store) -> None:
     rest = store.decisions_after(two.cursor, DecisionFilter(), 2)
     assert rest.decisions == (a2, b1)
     assert first.decision not in page.decisions
+
+
+# --- read-decide-write in one transaction --------------------------------------------
+
+
+def _recording_decide(
+    seen: list[tuple[int, RunContext]],
+) -> Callable[[Report, RunContext], DecisionRecord]:
+    def decide(report: Report, context: RunContext) -> DecisionRecord:
+        seen.append((report.epoch, context))
+        if report.train_loss < 0:
+            raise InvalidArgument("train_loss", "this test refuses negative losses")
+        record = make_record(
+            report.run_id,
+            report.epoch,
+            state=f"after {report.epoch}",
+            previous_epoch=context.previous_epoch,
+            policy_version=context.pinned_policy or context.active_policy or "none",
+        )
+        return replace(record, report=report)
+
+    return decide
+
+
+def test_decide_and_record_reads_each_context_inside_its_transaction(store: Store) -> None:
+    for version in ("v-active", "v-pinned"):
+        store.put_policy(make_policy(version))
+    store.activate_policy("v-active", actor="alice")
+    store.pin_policy(_pin("v-pinned", 0, dataset=LABELS.dataset))
+    [stored] = store.record_decisions([make_record("run-a", 0, state="after 0")])
+    seen: list[tuple[int, RunContext]] = []
+
+    outcomes = store.decide_and_record(
+        [
+            make_report("run-a", 0),  # decided before: the stored decision, no decide
+            make_report("run-a", 1),
+            make_report("run-a", 2),  # sees epoch 1, decided earlier in this batch
+            make_report("run-b", 0, train_loss=-1.0, labels=RunLabels()),  # decide refuses
+            make_report("run-a", 1),  # a duplicate within the batch
+            make_report("run-c", 0, labels=RunLabels()),
+        ],
+        _recording_decide(seen),
+    )
+
+    assert outcomes[0] == stored
+    one, two, refused, again, other = outcomes[1:]
+    assert isinstance(refused, InvalidArgument)
+    assert isinstance(one, Decision) and isinstance(two, Decision) and isinstance(other, Decision)
+    assert again == one
+    assert (one.previous_epoch, two.previous_epoch, other.previous_epoch) == (0, 1, None)
+    assert (one.policy_version, other.policy_version) == ("v-pinned", "v-active")
+    contexts = dict(seen)
+    assert contexts[1].previous_state == "after 0" and contexts[2].previous_state == "after 1"
+    assert [epoch for epoch, _ in seen] == [1, 2, 0, 0]  # run-a 0 and 1 were not decided again
+    run = store.get_run("run-a")
+    assert run is not None and [d.epoch for _, d in run[1]] == [0, 1, 2]
+    assert store.get_run("run-b") is None
+
+
+def test_store_calls_inside_a_write_transaction_join_it(store: Store) -> None:
+    first = make_record("run-a", 0, state="s0")
+    with store.write_transaction():
+        assert store.record_decisions([first]) == [first.decision]
+        assert store.load_context("run-a", 1).previous_state == "s0"  # uncommitted, visible
+        store.set_override(make_override(once=True))
+    assert store.load_context("run-a", 1).override is not None
+
+    with pytest.raises(RuntimeError, match="boom"), store.write_transaction():
+        store.record_decisions([make_record("run-a", 1)])
+        store.clear_override("run-a", "bob", T0)
+        raise RuntimeError("boom")
+    # Rolled back as a whole.
+    assert store.load_context("run-a", 1).existing is None
+    assert store.load_context("run-a", 1).override is not None
+    run = store.get_run("run-a")
+    assert run is not None and run[0].report_count == 1
