@@ -57,10 +57,16 @@ from control_server.domain import (
     ShadowSummary,
     Source,
     StoreUnavailable,
-    frozen_map,
 )
 from control_server.store.base import Decide, Store
 from control_server.store.factory import redact_url
+from control_server.store.rows import (
+    check_record,
+    dump_weights,
+    labels_row,
+    load_weights,
+    shadow_summary_from,
+)
 from control_server.store.schema import POSTGRES_MIGRATIONS, check_level, load_migrations
 
 logger = logging.getLogger(__name__)
@@ -101,7 +107,6 @@ _MIGRATION_LOCK = 1
 _SEQUENCE_LOCK = 2
 _POLICY_LOCK = 3
 
-_JSON = json.JSONEncoder(sort_keys=True)
 
 # Column lists shared by the queries and the row mappers (order matters), with the
 # array types `unnest` needs for batch inserts.
@@ -472,7 +477,7 @@ class PostgresStore(Store):
 
     def record_decisions(self, records: Sequence[DecisionRecord]) -> list[Decision | None]:
         for record in records:
-            _check_record(record)
+            check_record(record)
         if not records:
             return []
         results: list[Decision | None] = []
@@ -555,17 +560,7 @@ class PostgresStore(Store):
                 "WHERE s.policy_version = %s GROUP BY 1, 2, 3",
                 (version,),
             ).fetchall()
-        evaluated = differed = 0
-        by_transition: dict[str, int] = {}
-        for real, shadow, differs, n in rows:
-            evaluated += n
-            if differs:
-                differed += n
-                key = f"{real}->{shadow}"
-                by_transition[key] = by_transition.get(key, 0) + n
-        return ShadowSummary(
-            version, evaluated, differed, MappingProxyType(dict(sorted(by_transition.items())))
-        )
+        return shadow_summary_from(version, rows)
 
     # --- overrides --------------------------------------------------------------------
 
@@ -585,7 +580,7 @@ class PostgresStore(Store):
                     override.actor,
                     override.reason,
                     override.lr,
-                    _dump_weights(override.loss_weights),
+                    dump_weights(override.loss_weights),
                     override.hold_interventions,
                     override.once,
                     created_at,
@@ -1044,27 +1039,6 @@ def _text(value: str) -> str:
     return value.replace("\x00", "\ufffd")
 
 
-def _weights(text: str) -> Mapping[str, float]:
-    return frozen_map(json.loads(text))
-
-
-def _dump_weights(weights: Mapping[str, float]) -> str:
-    if not weights:
-        return "{}"
-    return _JSON.encode({k: float(v) for k, v in weights.items()})
-
-
-def _labels_row(labels: RunLabels) -> tuple[str, ...]:
-    return (
-        labels.dataset,
-        labels.configuration,
-        labels.fold,
-        labels.trainer,
-        labels.plans,
-        labels.host,
-    )
-
-
 def _decision_row(d: Decision) -> tuple[Any, ...]:
     return (
         d.decision_id,
@@ -1076,7 +1050,7 @@ def _decision_row(d: Decision) -> tuple[Any, ...]:
         d.policy_version,
         _aware(d.decided_at),
         d.lr,
-        _dump_weights(d.loss_weights),
+        dump_weights(d.loss_weights),
         d.intervention_index,
         d.override_id,
         d.previous_epoch,
@@ -1094,7 +1068,7 @@ def _decision_from(row: Sequence[Any]) -> Decision:
         policy_version=row[6],
         decided_at=_dt(row[7]),
         lr=row[8],
-        loss_weights=_weights(row[9]),
+        loss_weights=load_weights(row[9]),
         intervention_index=row[10],
         override_id=row[11],
         previous_epoch=row[12],
@@ -1112,8 +1086,8 @@ def _report_row(r: Report) -> tuple[Any, ...]:
         r.intervention_count,
         r.current_lr,
         r.initial_lr,
-        _dump_weights(r.loss_weights),
-        *_labels_row(r.labels),
+        dump_weights(r.loss_weights),
+        *labels_row(r.labels),
     )
 
 
@@ -1128,7 +1102,7 @@ def _report_from(row: Sequence[Any]) -> Report:
         intervention_count=row[6],
         current_lr=row[7],
         initial_lr=row[8],
-        loss_weights=_weights(row[9]),
+        loss_weights=load_weights(row[9]),
         labels=RunLabels(*row[10:16]),
     )
 
@@ -1136,7 +1110,7 @@ def _report_from(row: Sequence[Any]) -> Report:
 def _run_row(report: Report, seen: datetime) -> tuple[Any, ...]:
     return (
         report.run_id,
-        *_labels_row(report.labels),
+        *labels_row(report.labels),
         seen,
         seen,
         report.epoch,
@@ -1168,7 +1142,7 @@ def _override_from(row: Sequence[Any]) -> Override:
         actor=row[2],
         reason=row[3],
         lr=row[4],
-        loss_weights=_weights(row[5]),
+        loss_weights=load_weights(row[5]),
         hold_interventions=bool(row[6]),
         once=bool(row[7]),
         created_at=_dt(row[8]),
@@ -1195,17 +1169,6 @@ def _policy_from(row: Sequence[Any]) -> PolicyVersion:
 def _require_policy(conn: Connection, version: str) -> None:
     if conn.execute("SELECT 1 FROM policies WHERE version = %s", (version,)).fetchone() is None:
         raise NotFound(f"policy version {version!r} is not stored")
-
-
-def _check_record(record: DecisionRecord) -> None:
-    if (record.shadow is None) != (record.shadow_state is None):
-        raise ValueError("a shadow decision and its shadow_state come together")
-    key = (record.report.run_id, record.report.epoch)
-    for what, d in (("decision", record.decision), ("shadow decision", record.shadow)):
-        if d is not None and (d.run_id, d.epoch) != key:
-            raise ValueError(
-                f"report ({key[0]!r}, {key[1]}) and {what} ({d.run_id!r}, {d.epoch}) disagree"
-            )
 
 
 def _decision_where(f: DecisionFilter) -> tuple[list[str], list[Any]]:

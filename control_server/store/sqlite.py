@@ -12,13 +12,12 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from control_server.domain import (
@@ -40,9 +39,15 @@ from control_server.domain import (
     ShadowSummary,
     Source,
     StoreUnavailable,
-    frozen_map,
 )
 from control_server.store.base import Store
+from control_server.store.rows import (
+    check_record,
+    dump_weights,
+    labels_row,
+    load_weights,
+    shadow_summary_from,
+)
 from control_server.store.schema import SQLITE_MIGRATIONS, check_level, load_migrations
 
 logger = logging.getLogger(__name__)
@@ -50,7 +55,6 @@ logger = logging.getLogger(__name__)
 #: The numbered migration files shipped with the package.
 MIGRATIONS: Traversable = SQLITE_MIGRATIONS
 
-_JSON = json.JSONEncoder(sort_keys=True)
 
 # Column lists shared by the queries and the row mappers below (order matters).
 _LABELS = "dataset, configuration, fold, trainer, plans, host"
@@ -253,7 +257,7 @@ class SqliteStore(Store):
 
     def record_decisions(self, records: Sequence[DecisionRecord]) -> list[Decision | None]:
         for record in records:
-            _check_record(record)
+            check_record(record)
         if not records:
             return []
         results: list[Decision | None] = []
@@ -399,17 +403,7 @@ class SqliteStore(Store):
                 "WHERE s.policy_version = ? GROUP BY 1, 2, 3",
                 (version,),
             ).fetchall()
-        evaluated = differed = 0
-        by_transition: dict[str, int] = {}
-        for real, shadow, differs, n in rows:
-            evaluated += n
-            if differs:
-                differed += n
-                key = f"{real}->{shadow}"
-                by_transition[key] = by_transition.get(key, 0) + n
-        return ShadowSummary(
-            version, evaluated, differed, MappingProxyType(dict(sorted(by_transition.items())))
-        )
+        return shadow_summary_from(version, rows)
 
     # --- overrides --------------------------------------------------------------------
 
@@ -426,7 +420,7 @@ class SqliteStore(Store):
                     override.actor,
                     override.reason,
                     _real(override.lr),
-                    _dump_weights(override.loss_weights),
+                    dump_weights(override.loss_weights),
                     int(override.hold_interventions),
                     int(override.once),
                     created_at,
@@ -810,27 +804,6 @@ def _opt_float(value: float | str | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _weights(text: str) -> Mapping[str, float]:
-    return frozen_map(json.loads(text))
-
-
-def _dump_weights(weights: Mapping[str, float]) -> str:
-    if not weights:
-        return "{}"
-    return _JSON.encode({k: float(v) for k, v in weights.items()})
-
-
-def _labels_row(labels: RunLabels) -> tuple[str, ...]:
-    return (
-        labels.dataset,
-        labels.configuration,
-        labels.fold,
-        labels.trainer,
-        labels.plans,
-        labels.host,
-    )
-
-
 def _decision_row(d: Decision, decided_at: str) -> tuple[Any, ...]:
     return (
         d.decision_id,
@@ -842,7 +815,7 @@ def _decision_row(d: Decision, decided_at: str) -> tuple[Any, ...]:
         d.policy_version,
         decided_at,
         _real(d.lr),
-        _dump_weights(d.loss_weights),
+        dump_weights(d.loss_weights),
         d.intervention_index,
         d.override_id,
         d.previous_epoch,
@@ -860,7 +833,7 @@ def _decision_from(row: Sequence[Any]) -> Decision:
         policy_version=row[6],
         decided_at=_dt(row[7]),
         lr=_opt_float(row[8]),
-        loss_weights=_weights(row[9]),
+        loss_weights=load_weights(row[9]),
         intervention_index=row[10],
         override_id=row[11],
         previous_epoch=row[12],
@@ -878,8 +851,8 @@ def _report_row(r: Report) -> tuple[Any, ...]:
         r.intervention_count,
         _real(r.current_lr),
         _real(r.initial_lr),
-        _dump_weights(r.loss_weights),
-        *_labels_row(r.labels),
+        dump_weights(r.loss_weights),
+        *labels_row(r.labels),
     )
 
 
@@ -894,7 +867,7 @@ def _report_from(row: Sequence[Any]) -> Report:
         intervention_count=row[6],
         current_lr=_float(row[7]),
         initial_lr=_float(row[8]),
-        loss_weights=_weights(row[9]),
+        loss_weights=load_weights(row[9]),
         labels=RunLabels(*row[10:16]),
     )
 
@@ -902,7 +875,7 @@ def _report_from(row: Sequence[Any]) -> Report:
 def _run_row(report: Report, seen: str) -> tuple[Any, ...]:
     return (
         report.run_id,
-        *_labels_row(report.labels),
+        *labels_row(report.labels),
         seen,
         seen,
         report.epoch,
@@ -934,7 +907,7 @@ def _override_from(row: Sequence[Any]) -> Override:
         actor=row[2],
         reason=row[3],
         lr=_opt_float(row[4]),
-        loss_weights=_weights(row[5]),
+        loss_weights=load_weights(row[5]),
         hold_interventions=bool(row[6]),
         once=bool(row[7]),
         created_at=_dt(row[8]),
@@ -955,17 +928,6 @@ def _pin_from(row: Sequence[Any]) -> PolicyPin:
 def _require_policy(conn: sqlite3.Connection, version: str) -> None:
     if conn.execute("SELECT 1 FROM policies WHERE version = ?", (version,)).fetchone() is None:
         raise NotFound(f"policy version {version!r} is not stored")
-
-
-def _check_record(record: DecisionRecord) -> None:
-    if (record.shadow is None) != (record.shadow_state is None):
-        raise ValueError("a shadow decision and its shadow_state come together")
-    key = (record.report.run_id, record.report.epoch)
-    for what, d in (("decision", record.decision), ("shadow decision", record.shadow)):
-        if d is not None and (d.run_id, d.epoch) != key:
-            raise ValueError(
-                f"report ({key[0]!r}, {key[1]}) and {what} ({d.run_id!r}, {d.epoch}) disagree"
-            )
 
 
 def _decision_where(f: DecisionFilter) -> tuple[list[str], list[Any]]:
