@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import sys
@@ -20,20 +19,11 @@ from control_server.replay import replay_store
 from control_server.service import PolicyCache
 from control_server.store import open_store
 from control_server.store.factory import redact_url
+from trainer_client.client import is_loopback
 
 logger = logging.getLogger("control_server")
 
 DEFAULT_STORE = "sqlite:///control.db"
-
-
-def _is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def _serve(config: ServerConfig) -> None:
@@ -56,7 +46,7 @@ async def _serve(config: ServerConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    loopback = _is_loopback(args.listen)
+    loopback = is_loopback(args.listen)
     if not loopback and args.auth_file is None and not args.insecure:
         print(
             f"control-server: refusing to listen on {args.listen} beyond loopback without "

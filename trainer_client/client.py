@@ -129,7 +129,7 @@ def open_channel(config: ClientConfig) -> grpc.Channel:
     options = channel_options(config)
     if credentials is not None:
         return grpc.secure_channel(config.target, credentials, options=options)
-    if config.token and not _is_loopback(config.target):
+    if config.token and not is_loopback(config.target):
         logger.warning(
             "sending a bearer token to %s without TLS: anyone on the path can read it; "
             "set TRAINCTL_TLS_CA (or TRAINCTL_TLS=1)",
@@ -138,7 +138,8 @@ def open_channel(config: ClientConfig) -> grpc.Channel:
     return grpc.insecure_channel(config.target, options=options)
 
 
-def _is_loopback(target: str) -> bool:
+def is_loopback(target: str) -> bool:
+    """True when a gRPC target or listen address (HOST:PORT, dns:///HOST:PORT) is loopback."""
     host = target.split("///", 1)[-1].rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
         return True
