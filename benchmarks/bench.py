@@ -111,10 +111,18 @@ class ServerProcess:
             )
 
     def cpu_seconds(self) -> float | None:
-        """CPU time the server process used so far (Linux /proc), or None."""
+        """CPU time the server and its child processes (the decider) used so far
+        (Linux /proc), or None."""
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total = 0
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # the process ended meanwhile
+                if stat.parent.name == str(self.proc.pid) or fields[1] == str(self.proc.pid):
+                    total += int(fields[11]) + int(fields[12])
+            return total / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             return None
 

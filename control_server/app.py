@@ -12,12 +12,12 @@ from grpc_reflection.v1alpha import reflection
 
 from control_server.audit import AuditInterceptor
 from control_server.auth import AuthInterceptor, TokenTable
-from control_server.domain import Report
+from control_server.decider import Decider
 from control_server.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
 from control_server.policy.document import PolicyDoc, default_policy, load_policy_file
 from control_server.service import ControlService, store_policy
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
-from control_server.store import GroupCommitter, Store, open_store
+from control_server.store import Store, open_store
 from control_server.store.factory import redact_url
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -72,7 +72,8 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     service: ControlService
-    committer: GroupCommitter[Report]
+    #: The child process that decides and records every ReportEpoch.
+    decider: Decider
     store: Store
     health: health.aio.HealthServicer
     policy_version: str
@@ -86,7 +87,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         self.service.close()  # ends WatchDecisions streams, which would hold stop() for grace_s
         await self.server.stop(self.grace_s)
-        await self.committer.close()
+        await self.decider.close()
         self.store.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
@@ -139,9 +140,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
         store.close()
         raise
     metrics = Metrics()
-    service = ControlService(store, commit_observer=metrics.observe_commit)
-    committer = service.committer
-    committer.start()
+    service = ControlService(store)
+    try:
+        decider = await Decider.start(config.store_url, observer=metrics.observe_commit)
+    except BaseException:
+        store.close()
+        raise
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -158,7 +162,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_TrainingControlServicer_to_server(TrainingControlServicer(service), server)
+    TrainingControlServicer(decider, service, metrics.count_decision).add_to_server(server)
     pb_grpc.add_ControlAdminServicer_to_server(ControlAdminServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -172,7 +176,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     else:
         port = server.add_secure_port(config.listen, credentials)
     if port == 0:
-        await committer.close()
+        await decider.close()
         store.close()
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
@@ -189,7 +193,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         server,
         port,
         service,
-        committer,
+        decider,
         store,
         health_servicer,
         version,

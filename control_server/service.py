@@ -46,8 +46,7 @@ from control_server.domain import (
 from control_server.policy import INITIAL_STATE, PolicyState, step
 from control_server.policy.document import PolicyDoc, parse_policy, parse_policy_yaml
 from control_server.replay import fold_state
-from control_server.store import GroupCommitter, Store
-from control_server.store.committer import BatchObserver
+from control_server.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -201,12 +200,8 @@ class ControlService:
         clock: Callable[[], datetime] = utc_now,
         *,
         watch_poll_s: float = WATCH_POLL_S,
-        commit_observer: BatchObserver | None = None,
     ) -> None:
         self.store = store
-        self.committer: GroupCommitter[Report] = GroupCommitter(
-            self._decide_batch, observer=commit_observer
-        )
         self._clock = clock
         self.policies = PolicyCache(store)
         self.broadcast = _Broadcast()
@@ -221,19 +216,18 @@ class ControlService:
 
     # --- ReportEpoch ------------------------------------------------------------------
 
-    async def report_epoch(self, report: Report) -> Decision:
-        """Decide one epoch. Idempotent per (run_id, epoch); durable before it returns.
+    def decide_batch(self, reports: Sequence[Report]) -> list[Decision | Exception]:
+        """Decide a batch of epochs in ONE transaction (the decider process calls this).
 
-        The writer thread reads the run's context, decides and records in one
-        transaction for a whole batch of reports (see GroupCommitter), so the
-        event loop only decodes and answers, and read-decide-write is atomic.
+        Idempotent per (run_id, epoch): a report already decided gets its stored
+        decision back. Every decision is durable when this returns, and each
+        run's read-decide-write is atomic (see `Store.decide_and_record`).
         """
-        stored = await self.committer.submit(report)
-        self.broadcast.notify()
-        return stored
-
-    def _decide_batch(self, reports: Sequence[Report]) -> list[Decision | Exception]:
         return self.store.decide_and_record(reports, self._decide)
+
+    def decided(self) -> None:
+        """Tell the live watches that decisions were committed (the front end calls this)."""
+        self.broadcast.notify()
 
     def _decide(self, report: Report, context: RunContext) -> DecisionRecord:
         version = context.pinned_policy or context.active_policy

@@ -14,6 +14,7 @@ from typing import TypeVar
 import grpc
 
 from control_server import convert
+from control_server.decider import Decider
 from control_server.domain import (
     DomainError,
     InvalidArgument,
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_TRAINING_CONTROL = pb.DESCRIPTOR.services_by_name["TrainingControl"].full_name
 _CODES: list[tuple[type[DomainError], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -57,18 +59,37 @@ async def _handle(
     raise AssertionError("unreachable: abort raises")
 
 
-class TrainingControlServicer(pb_grpc.TrainingControlServicer):  # type: ignore[misc]
-    def __init__(self, service: ControlService) -> None:
+class TrainingControlServicer:
+    """ReportEpoch as raw bytes in and out: the decider process parses, decides and
+    serializes, so the front end's event loop does transport only."""
+
+    def __init__(
+        self,
+        decider: Decider,
+        service: ControlService,
+        on_decision: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self._decider = decider
         self._service = service
+        self._on_decision = on_decision
 
-    async def ReportEpoch(
-        self, request: pb.EpochReport, context: grpc.aio.ServicerContext
-    ) -> pb.Decision:
-        async def call() -> pb.Decision:
-            report = convert.report_from_proto(request)
-            return convert.decision_to_proto(await self._service.report_epoch(report))
+    async def ReportEpoch(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            answer = await self._decider.decide(request)
+        except DomainError as exc:
+            await _abort("ReportEpoch", context, exc)
+            raise AssertionError("unreachable: abort raises") from exc
+        self._service.decided()
+        if self._on_decision is not None:
+            self._on_decision(answer.action, answer.source)
+        return answer.decision
 
-        return await _handle("ReportEpoch", context, call)
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serve ReportEpoch without (de)serializing in this process."""
+        handler = grpc.unary_unary_rpc_method_handler(self.ReportEpoch)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_TRAINING_CONTROL, {"ReportEpoch": handler}),)
+        )
 
 
 class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]

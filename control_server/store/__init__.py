@@ -1,4 +1,7 @@
-"""Storage: the contract, the backends, the URL factory and the group committer.
+"""Storage: the contract, the backends, and the URL factory.
+
+Group commit (one transaction per batch of reports) is `Store.decide_and_record`,
+called by the decider process (control_server/decider.py).
 
 `PostgresStore` is imported on first use: psycopg is an optional extra (`postgres`).
 """
@@ -6,14 +9,13 @@
 from typing import TYPE_CHECKING
 
 from control_server.store.base import Store
-from control_server.store.committer import GroupCommitter
 from control_server.store.factory import open_store
 from control_server.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from control_server.store.postgres import PostgresStore
 
-__all__ = ["GroupCommitter", "PostgresStore", "SqliteStore", "Store", "open_store"]
+__all__ = ["PostgresStore", "SqliteStore", "Store", "open_store"]
 
 
 def __getattr__(name: str) -> object:

@@ -93,6 +93,7 @@ class Served:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
+                start_new_session=True,  # kill() takes the server and its decider together
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while (match := SERVING.search(self.output())) is None:
@@ -106,9 +107,10 @@ class Served:
         return self.log.read_text(errors="replace")
 
     def kill(self) -> None:
-        """SIGKILL: no drain, no commit of what is queued, no close."""
+        """SIGKILL to the server and its decider process (a crashed container): no
+        drain, no commit of what is queued, no close."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=20)
 
     def terminate(self) -> tuple[int, str]:

@@ -154,9 +154,9 @@ def test_concurrent_reports_are_group_committed(server: ServerThread, stubs: Stu
     with ThreadPoolExecutor(max_workers=16) as pool:
         ids = [d for run in pool.map(one_run, range(32)) for d in run]
     assert len(set(ids)) == 32 * 5
-    committer = server.running.committer
-    assert committer.rows == 32 * 5
-    assert committer.batches < committer.rows
+    decider = server.running.decider
+    assert decider.rows == 32 * 5
+    assert decider.batches < decider.rows
 
 
 def test_runs_are_listed_and_shown_in_epoch_order(stubs: Stubs) -> None:
