@@ -93,7 +93,7 @@ class Metrics:
         self.decisions.labels(_ACTION_NAMES[action], _SOURCE_NAMES[source]).inc()
 
     def observe_commit(self, rows: int, seconds: float) -> None:
-        """Called by the group committer after each batch."""
+        """Called for each batch the decider process committed."""
         self.commit_seconds.observe(seconds)
         self.commit_rows.observe(rows)
 

@@ -1,7 +1,7 @@
 """The storage contract every backend implements (SQLite and PostgreSQL).
 
 Methods are synchronous and thread-safe: reads may be called from the event
-loop thread, `decide_and_record` from the group-commit writer thread. A thread
+loop thread, `decide_and_record` from the decider process (its own instance). A thread
 never shares a connection with another (SQLite keeps one per thread; PostgreSQL
 checks one out of its pool per transaction). Timestamps come back timezone-aware
 (UTC).
