@@ -180,6 +180,14 @@ def _read_available(sock: socket.socket, buffer: bytearray) -> bool:
     return True
 
 
+def _whole_request(buffer: bytearray) -> bool:
+    """Whether `buffer` starts with a whole request (more than MAX_BATCH may be queued)."""
+    if len(buffer) < _REQUEST.size:
+        return False
+    length: int = _REQUEST.unpack_from(buffer, 0)[1]
+    return len(buffer) >= _REQUEST.size + length
+
+
 def _split(buffer: bytearray, limit: int) -> list[tuple[int, bytes]]:
     """Take up to `limit` whole requests off the front of `buffer`."""
     items: list[tuple[int, bytes]] = []
@@ -201,8 +209,8 @@ def serve(sock: socket.socket, store: Store) -> None:
     buffer = bytearray()
     open_input = True
     previous = 0
-    while open_input or buffer:
-        if open_input:
+    while True:
+        if open_input and not _whole_request(buffer):
             if previous >= 2 and BATCH_WAIT_S > 0:
                 # Under load more reports arrive within a commit's time; a lone caller
                 # (previous batch of 1) must not pay for the wait.
@@ -210,11 +218,10 @@ def serve(sock: socket.socket, store: Store) -> None:
             open_input = _read_available(sock, buffer)
         items = _split(buffer, MAX_BATCH)
         previous = len(items)
-        if not items:
-            if not open_input:
-                break
-            continue
-        sock.sendall(decide_batch(service, items))
+        if items:
+            sock.sendall(decide_batch(service, items))
+        elif not open_input:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from control_server.app import activate_startup_policy
-from control_server.decider import Answer, Decider
+from control_server.decider import MAX_BATCH, Answer, Decider
 from control_server.domain import InvalidArgument, StoreUnavailable
 from control_server.store import open_store
 from tests.conftest import report
@@ -156,3 +156,12 @@ def test_a_store_the_decider_cannot_open_fails_the_start(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path}/control.db"
     with pytest.raises(StoreUnavailable, match="decider process did not start"):
         asyncio.run(Decider.start(url))
+
+
+def test_more_reports_than_one_batch_holds_are_all_answered(store_url: str, tmp_path: Path) -> None:
+    async def main(decider: Decider) -> list[Answer]:
+        raw = [report(f"run-{i}", 0).SerializeToString() for i in range(MAX_BATCH * 2 + 7)]
+        return await asyncio.wait_for(asyncio.gather(*(decider.decide(r) for r in raw)), 60)
+
+    answers = run(main, store_url)
+    assert len(stored(tmp_path)) == len(answers) == MAX_BATCH * 2 + 7
