@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between a watch's polls of the store (decisions of other replicas).
 WATCH_POLL_S = 0.5
+#: Runs whose latest policy state the decider keeps parsed (oldest out first).
+STATE_MEMO_RUNS = 10_000
 #: Decisions a watch reads from the store at a time.
 WATCH_PAGE = 256
 
@@ -207,6 +209,10 @@ class ControlService:
         self.broadcast = _Broadcast()
         self.watch_poll_s = watch_poll_s
         self.closed = False
+        # run_id -> (state JSON, the PolicyState it encodes) of the run's latest
+        # decision here: the next report's stored state is usually that very text,
+        # so it need not be parsed again.
+        self._states: dict[str, tuple[str, PolicyState]] = {}
 
     def close(self) -> None:
         """End every open watch (call before stopping the server, so that it does not
@@ -234,26 +240,36 @@ class ControlService:
         if version is None:
             raise StoreUnavailable("no active policy is stored; start the server with --policy")
         doc = self.policies.get(version)
-        state = (
-            PolicyState.from_json(context.previous_state)
-            if context.previous_state is not None
-            else INITIAL_STATE
-        )
+        state = self._state(report.run_id, context.previous_state)
         override = context.override
         verdict, new_state = step(doc, version, state, report, override)
         now = self._clock()
         decision = _decision(report, verdict, version, now, context)
         shadow, shadow_state = self._shadow(report, context, version, now)
+        state_json = new_state.to_json()
+        self._states.pop(report.run_id, None)  # re-inserted last: oldest runs go first
+        self._states[report.run_id] = (state_json, new_state)
+        if len(self._states) > STATE_MEMO_RUNS:
+            del self._states[next(iter(self._states))]
         return DecisionRecord(
             report,
             decision,
-            new_state.to_json(),
+            state_json,
             consumed_override=(
                 override.override_id if override is not None and override.once else None
             ),
             shadow=shadow,
             shadow_state=shadow_state,
         )
+
+    def _state(self, run_id: str, text: str | None) -> PolicyState:
+        """The PolicyState `text` encodes (to_json/from_json round-trip exactly)."""
+        if text is None:
+            return INITIAL_STATE
+        memo = self._states.get(run_id)
+        if memo is not None and memo[0] == text:
+            return memo[1]
+        return PolicyState.from_json(text)
 
     def _shadow(
         self, report: Report, context: RunContext, real_version: str, now: datetime

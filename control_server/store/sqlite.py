@@ -129,7 +129,9 @@ _BEST_PIN = (
     "pinned_at DESC, id DESC LIMIT 1"
 )
 _SELECT_CONTEXT = (
-    f"SELECT a.version, sp.version, pin.version, {_qualified('o', _OVERRIDE)}, d.* "
+    "SELECT a.version, sp.version, pin.version, "
+    "(SELECT max(epoch) FROM decisions WHERE run_id = ?), "
+    f"{_qualified('o', _OVERRIDE)}, d.* "
     "FROM (SELECT 1) AS one "
     "LEFT JOIN active_policy AS a ON a.id = 1 "
     "LEFT JOIN shadow_policy AS sp ON sp.id = 1 "
@@ -141,7 +143,9 @@ _SELECT_CONTEXT = (
     "ON s.run_id = d.run_id AND s.epoch = d.epoch "
     "WHERE d.run_id = ? AND d.epoch <= ? ORDER BY d.epoch DESC LIMIT 2) AS d ON 1"
 )
-_N_CONTEXT_HEAD = 3 + len(_OVERRIDE.split(","))
+_N_CONTEXT_HEAD = 4 + len(_OVERRIDE.split(","))
+#: Runs whose next context the decider's connection remembers (least recently used out).
+CONTEXT_CACHE_RUNS = 10_000
 _SELECT_RUNS = (
     f"SELECT {_qualified('r', _RUN)}, {_qualified('d', _DECISION)} FROM runs AS r "
     "LEFT JOIN decisions AS d ON d.run_id = r.run_id AND d.epoch = r.last_epoch"
@@ -151,6 +155,70 @@ _SELECT_PAIRS = (
     "JOIN decisions AS d ON d.run_id = p.run_id AND d.epoch = p.epoch "
     "WHERE p.run_id = ? ORDER BY p.epoch"
 )
+
+
+class _Contexts:
+    """One connection's memory of each run's next context (the decider's hot path).
+
+    After a decision of epoch E is recorded, the context of the run's next report
+    is known without reading it: E, the state recorded with it, and the versions
+    and override that decided it. It stays true while nothing else writes, which
+    the write transactions of `decide_and_record` check: `PRAGMA data_version`
+    changes when another connection (the front end's admin calls, another server
+    process) has committed, and any other write transaction of this connection
+    forgets everything. A transaction that fails forgets everything too.
+    """
+
+    __slots__ = ("data_version", "entries", "live", "loaded")
+
+    def __init__(self) -> None:
+        self.data_version: int | None = None
+        # run_id -> (labels, context for any epoch above context.previous_epoch)
+        self.entries: dict[str, tuple[RunLabels | None, RunContext]] = {}
+        # Contexts handed out in this transaction that may be remembered once recorded:
+        # run_id -> (labels, context, epoch); only for an epoch above all stored ones.
+        self.loaded: dict[str, tuple[RunLabels | None, RunContext, int]] = {}
+        self.live = False  # inside a write transaction whose data_version was checked
+
+    def forget(self) -> None:
+        self.entries.clear()
+        self.loaded.clear()
+
+    def lookup(self, run_id: str, epoch: int, labels: RunLabels | None) -> RunContext | None:
+        hit = self.entries.get(run_id)
+        if hit is None or hit[0] != labels:
+            return None
+        context = hit[1]
+        if context.previous_epoch is None or epoch <= context.previous_epoch:
+            return None  # a retry or a late report: read it
+        self.loaded[run_id] = (labels, context, epoch)
+        return context
+
+    def recorded(self, record: DecisionRecord) -> None:
+        """Remember the run's next context after `record` was stored (not yet committed)."""
+        run_id = record.decision.run_id
+        loaded = self.loaded.pop(run_id, None)
+        if loaded is None or loaded[2] != record.decision.epoch or not self.live:
+            self.entries.pop(run_id, None)
+            return
+        labels, context, epoch = loaded
+        if record.consumed_override is not None:
+            self.entries.pop(run_id, None)  # the run's active override has changed
+            return
+        shadow_state = record.shadow_state if record.shadow is not None else None
+        self.entries.pop(run_id, None)  # re-inserted last: least recently used go first
+        self.entries[run_id] = (
+            labels,
+            replace(
+                context,
+                existing=None,
+                previous_state=record.state,
+                previous_epoch=epoch,
+                previous_shadow_state=shadow_state,
+            ),
+        )
+        if len(self.entries) > CONTEXT_CACHE_RUNS:
+            del self.entries[next(iter(self.entries))]
 
 
 class SqliteStore(Store):
@@ -216,30 +284,55 @@ class SqliteStore(Store):
         self._local.conn = conn
         return conn
 
+    def _contexts(self) -> _Contexts:
+        """This thread's (this connection's) remembered run contexts."""
+        contexts: _Contexts | None = getattr(self._local, "contexts", None)
+        if contexts is None:
+            contexts = self._local.contexts = _Contexts()
+        return contexts
+
     @contextmanager
-    def _transaction(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+    def _transaction(
+        self, *, write: bool = False, deciding: bool = False
+    ) -> Iterator[sqlite3.Connection]:
         """One transaction: commit on success, roll back on any error. Inside an
         open transaction of this thread (write_transaction), it joins that one.
 
+        A write transaction that is not `deciding` (decide_and_record's) makes
+        this connection forget the run contexts it remembers.
         sqlite3 errors become StoreUnavailable; domain errors pass through.
         """
         conn = self._connection()
         if conn.in_transaction:
             yield conn
             return
+        contexts = self._contexts()
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            if write:
+                # Holding the write lock: nobody else commits until we do.
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if not deciding or version != contexts.data_version:
+                    contexts.forget()
+                contexts.data_version = version
+                contexts.live = deciding
             yield conn
             conn.execute("COMMIT")
         except BaseException as exc:
             _rollback(conn)
+            if write:
+                contexts.forget()
             if isinstance(exc, sqlite3.Error):
                 raise _unavailable(self._path, exc) from exc
             raise
+        finally:
+            if write:
+                contexts.live = False
+                contexts.loaded.clear()
 
     @contextmanager
     def write_transaction(self) -> Iterator[None]:
-        with self._transaction(write=True):
+        with self._transaction(write=True, deciding=True):
             yield
 
     def close(self) -> None:
@@ -263,6 +356,7 @@ class SqliteStore(Store):
         results: list[Decision | None] = []
         reports: list[tuple[Any, ...]] = []
         runs: list[tuple[Any, ...]] = []
+        contexts = self._contexts()
         with self._transaction(write=True) as conn:
             for record in records:
                 decision = record.decision
@@ -299,6 +393,7 @@ class SqliteStore(Store):
                     reports.append(_report_row(record.report))
                     runs.append(_run_row(record.report, decided_at))
                     results.append(decision)
+                    contexts.recorded(record)
                     continue
                 row = conn.execute(_SELECT_DECISION, (decision.run_id, decision.epoch)).fetchone()
                 if row is None:  # pragma: no cover - the conflict guarantees the row
@@ -313,6 +408,11 @@ class SqliteStore(Store):
         return results
 
     def load_context(self, run_id: str, epoch: int, labels: RunLabels | None = None) -> RunContext:
+        contexts = self._contexts()
+        if contexts.live:
+            remembered = contexts.lookup(run_id, epoch, labels)
+            if remembered is not None:
+                return remembered
         pin_params = (
             (1, labels.dataset, labels.configuration, labels.fold)
             if labels is not None
@@ -321,14 +421,14 @@ class SqliteStore(Store):
         try:
             rows = (
                 self._connection()
-                .execute(_SELECT_CONTEXT, (*pin_params, run_id, run_id, epoch))
+                .execute(_SELECT_CONTEXT, (run_id, *pin_params, run_id, run_id, epoch))
                 .fetchall()
             )
         except sqlite3.Error as exc:
             raise _unavailable(self._path, exc) from exc
         head = rows[0][:_N_CONTEXT_HEAD]
-        active, shadow, pinned = head[0], head[1], head[2]
-        override = _override_from(head[3:]) if head[3] is not None else None
+        active, shadow, pinned, newest = head[0], head[1], head[2], head[3]
+        override = _override_from(head[4:]) if head[4] is not None else None
         # Decision columns, then its state, shadow version and shadow state; None: none.
         decisions = [row[_N_CONTEXT_HEAD:] for row in rows if row[_N_CONTEXT_HEAD] is not None]
         existing: Decision | None = None
@@ -343,7 +443,7 @@ class SqliteStore(Store):
             previous_state = decisions[0][_N_DECISION]
             if shadow is not None and decisions[0][_N_DECISION + 1] == shadow:
                 previous_shadow_state = decisions[0][_N_DECISION + 2]
-        return RunContext(
+        context = RunContext(
             existing=existing,
             previous_state=previous_state,
             previous_epoch=previous_epoch,
@@ -353,6 +453,9 @@ class SqliteStore(Store):
             shadow_policy=shadow,
             previous_shadow_state=previous_shadow_state,
         )
+        if contexts.live and (newest is None or epoch > newest):
+            contexts.loaded[run_id] = (labels, context, epoch)
+        return context
 
     def latest_decision_seq(self) -> int:
         with self._transaction() as conn:

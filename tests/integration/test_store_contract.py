@@ -910,3 +910,111 @@ def test_store_calls_inside_a_write_transaction_join_it(store: Store) -> None:
     assert store.load_context("run-a", 1).override is not None
     run = store.get_run("run-a")
     assert run is not None and run[0].report_count == 1
+
+
+def _context_of(store: Store, report: Report) -> RunContext:
+    """Decide `report` alone through decide_and_record; the context its decide saw."""
+    seen: list[tuple[int, RunContext]] = []
+    [outcome] = store.decide_and_record([report], _recording_decide(seen))
+    assert isinstance(outcome, Decision), outcome
+    [(_, context)] = seen
+    return context
+
+
+def test_each_batch_sees_what_changed_since_the_last_one(
+    store: Store, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Changes made between batches by this store or another process on the same
+    database (the front end's admin calls, a replica) reach the next decision."""
+    for version in ("v1", "v2", "v3"):
+        store.put_policy(make_policy(version))
+    store.activate_policy("v1", actor="alice")
+    assert _context_of(store, make_report("run-a", 0)).previous_epoch is None
+    assert _context_of(store, make_report("run-a", 1)).previous_state == "after 0"
+
+    with _reopened(request, tmp_path) as other:
+        held = other.set_override(make_override(hold_interventions=True))
+        context = _context_of(store, make_report("run-a", 2))
+        assert (context.override, context.previous_state) == (held, "after 1")
+        other.activate_policy("v2", actor="bob")
+        assert _context_of(store, make_report("run-a", 3)).active_policy == "v2"
+        other.pin_policy(_pin("v3", 1, dataset=LABELS.dataset))
+        assert _context_of(store, make_report("run-a", 4)).pinned_policy == "v3"
+        other.set_shadow_policy("v1", "bob", T0)
+        assert _context_of(store, make_report("run-a", 5)).shadow_policy == "v1"
+        # A replica decides an epoch: the next one continues from it.
+        assert _context_of(other, make_report("run-a", 6)).previous_state == "after 5"
+    context = _context_of(store, make_report("run-a", 7))
+    assert (context.previous_epoch, context.previous_state) == (6, "after 6")
+
+    # The same store's own admin writes count as well.
+    store.clear_override("run-a", "bob", T0)
+    assert _context_of(store, make_report("run-a", 8)).override is None
+    store.unpin_policy(RunSelector(dataset=LABELS.dataset))
+    assert _context_of(store, make_report("run-a", 9)).pinned_policy is None
+    # New labels: the pin is looked up for them.
+    store.pin_policy(_pin("v3", 2, configuration="3d_fullres"))
+    relabelled = replace(LABELS, configuration="3d_fullres")
+    assert _context_of(store, make_report("run-a", 10, labels=relabelled)).pinned_policy == "v3"
+    assert _context_of(store, make_report("run-a", 11)).pinned_policy is None
+
+
+def test_a_consumed_once_override_is_gone_for_the_next_batch(store: Store) -> None:
+    store.record_decisions([make_record("run-a", 0, state="after 0")])
+    once = store.set_override(make_override(once=True))
+
+    def use_once(report: Report, context: RunContext) -> DecisionRecord:
+        assert context.override == once
+        return replace(_once_record(report.epoch, once, state="after 1"), report=report)
+
+    [used] = store.decide_and_record([make_report("run-a", 1)], use_once)
+    assert isinstance(used, Decision) and used.override_id == once.override_id
+    context = _context_of(store, make_report("run-a", 2))
+    assert (context.override, context.previous_state) == (None, "after 1")
+
+
+def test_a_late_report_does_not_rewind_the_run(store: Store) -> None:
+    """An older epoch arriving late continues from what precedes it; the next new
+    epoch still continues from the newest one."""
+    _context_of(store, make_report("run-a", 0))
+    _context_of(store, make_report("run-a", 2))
+    late = _context_of(store, make_report("run-a", 1))
+    assert (late.previous_epoch, late.previous_state) == (0, "after 0")
+    context = _context_of(store, make_report("run-a", 3))
+    assert (context.previous_epoch, context.previous_state) == (2, "after 2")
+
+
+def test_a_failed_batch_leaves_nothing_for_the_next(store: Store) -> None:
+    _context_of(store, make_report("run-a", 0))
+    seen: list[tuple[int, RunContext]] = []
+    decide = _recording_decide(seen)
+
+    def fail_on_run_b(report: Report, context: RunContext) -> DecisionRecord:
+        if report.run_id == "run-b":
+            raise StoreUnavailable("the disk is full")
+        return decide(report, context)
+
+    with pytest.raises(StoreUnavailable):
+        store.decide_and_record(
+            [make_report("run-a", 1), make_report("run-a", 2), make_report("run-b", 0)],
+            fail_on_run_b,
+        )
+    assert [epoch for epoch, _ in seen] == [1, 2]
+    context = _context_of(store, make_report("run-a", 3))
+    assert (context.previous_epoch, context.previous_state) == (0, "after 0")
+
+
+@contextmanager
+def _reopened(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A second store on the test's database: another connection, as another process has."""
+    backend = request.node.callspec.params["store"]
+    url = (
+        f"sqlite:///{tmp_path}/contract/control.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_database")
+    )
+    other = open_store(url)
+    try:
+        yield other
+    finally:
+        other.close()
