@@ -12,7 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 #: Loss components the trainer knows how to weight (issue 3 implements them).
 LOSS_COMPONENTS: tuple[str, ...] = ("dice", "ce", "focal", "variance")
@@ -53,6 +56,15 @@ class NotFound(DomainError):
 
 class StoreUnavailable(DomainError):
     """The store cannot be reached or refused the write; nothing was decided."""
+
+
+def remember(memo: dict[K, V], key: K, value: V, limit: int) -> None:
+    """Store `key` -> `value` in `memo` as its newest entry; beyond `limit` entries the
+    oldest goes (the decider's per-run memories stay bounded however many runs come)."""
+    memo.pop(key, None)
+    memo[key] = value
+    if len(memo) > limit:
+        del memo[next(iter(memo))]
 
 
 def frozen_map(values: Mapping[str, float] | None = None) -> Mapping[str, float]:

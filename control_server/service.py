@@ -42,6 +42,7 @@ from control_server.domain import (
     ShadowSummary,
     StoreUnavailable,
     Verdict,
+    remember,
 )
 from control_server.policy import INITIAL_STATE, PolicyState, step
 from control_server.policy.document import PolicyDoc, parse_policy, parse_policy_yaml
@@ -247,10 +248,7 @@ class ControlService:
         decision = _decision(report, verdict, version, now, context)
         shadow, shadow_state = self._shadow(report, context, version, now)
         state_json = new_state.to_json()
-        self._states.pop(report.run_id, None)  # re-inserted last: oldest runs go first
-        self._states[report.run_id] = (state_json, new_state)
-        if len(self._states) > STATE_MEMO_RUNS:
-            del self._states[next(iter(self._states))]
+        remember(self._states, report.run_id, (state_json, new_state), STATE_MEMO_RUNS)
         return DecisionRecord(
             report,
             decision,

@@ -39,6 +39,7 @@ from control_server.domain import (
     ShadowSummary,
     Source,
     StoreUnavailable,
+    remember,
 )
 from control_server.store.base import Store
 from control_server.store.rows import (
@@ -206,19 +207,14 @@ class _Contexts:
             self.entries.pop(run_id, None)  # the run's active override has changed
             return
         shadow_state = record.shadow_state if record.shadow is not None else None
-        self.entries.pop(run_id, None)  # re-inserted last: least recently used go first
-        self.entries[run_id] = (
-            labels,
-            replace(
-                context,
-                existing=None,
-                previous_state=record.state,
-                previous_epoch=epoch,
-                previous_shadow_state=shadow_state,
-            ),
+        following = replace(
+            context,
+            existing=None,
+            previous_state=record.state,
+            previous_epoch=epoch,
+            previous_shadow_state=shadow_state,
         )
-        if len(self.entries) > CONTEXT_CACHE_RUNS:
-            del self.entries[next(iter(self.entries))]
+        remember(self.entries, run_id, (labels, following), CONTEXT_CACHE_RUNS)
 
 
 class SqliteStore(Store):
