@@ -72,6 +72,16 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         action = method.rsplit("/", 1)[-1]
 
+        def event(
+            request: Any,
+            context: grpc.aio.ServicerContext | None,
+            began: float,
+            error: BaseException | None,
+            actor: str,
+            peer: str,
+        ) -> Callable[[], None]:
+            return self._event(action, request_type, request, context, began, error, actor, peer)
+
         def record(
             request: Any,
             context: grpc.aio.ServicerContext | None,
@@ -80,7 +90,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             actor: str,
             peer: str,
         ) -> None:
-            self._record(action, request_type, request, context, began, error, actor, peer)
+            event(request, context, began, error, actor, peer)()
 
         if handler.unary_unary is not None:
             unary = handler.unary_unary
@@ -94,14 +104,18 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     raise
                 finally:
                     # The auth interceptor set the actor in this task, inside the call.
-                    record(request, context, began, error, current_actor(), peer)
+                    # The store write runs in a worker thread, as the admin calls' own
+                    # store work does: a contended store must not hold up the loop.
+                    # The reply goes out after it, so the event is stored by then.
+                    write = event(request, context, began, error, current_actor(), peer)
+                    await asyncio.to_thread(write)
 
             return handler._replace(unary_unary=unary_unary)
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=_audited_stream(handler.unary_stream, record))
         return handler
 
-    def _record(
+    def _event(
         self,
         action: str,
         request_type: type[Message],
@@ -111,27 +125,38 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         error: BaseException | None,
         actor: str,
         peer: str,
-    ) -> None:
-        """Record one call. `context` is None when the client already left: the
-        call's context must not be touched then (grpc aio crashes the process)."""
+    ) -> Callable[[], None]:
+        """Read how one call ended (on the event loop: its context is not to be
+        touched elsewhere, nor at all when None, the client having left: grpc aio
+        crashes the process); return the store write that records it."""
         try:
             result = _code_name(context, error) if context is not None else "CANCELLED"
-            message = self._decode(request_type, request)
-            details: dict[str, Any] = {
-                "request": self._request_json(message),
-                "peer": peer,
-                "duration_ms": round((time.monotonic() - began) * 1000, 1),
-            }
             status_message = context.details() if context is not None else None
-            if result != "OK" and status_message:
-                details["message"] = str(status_message)[:500]
-            target = next(
-                (str(getattr(message, f)) for f in _TARGET_FIELDS if getattr(message, f, "")), ""
-            )
-            self._store.record_admin_event(actor, action, target, details, result)
         except Exception:
-            # Never let the audit change a call's outcome: it already ran.
-            logger.exception("[%s] could not record the admin event (actor %s)", action, actor)
+            logger.exception("[%s] could not read the call's outcome (actor %s)", action, actor)
+            result, status_message = "UNKNOWN", None
+        duration_ms = round((time.monotonic() - began) * 1000, 1)
+
+        def write() -> None:
+            try:
+                message = self._decode(request_type, request)
+                details: dict[str, Any] = {
+                    "request": self._request_json(message),
+                    "peer": peer,
+                    "duration_ms": duration_ms,
+                }
+                if result != "OK" and status_message:
+                    details["message"] = str(status_message)[:500]
+                target = next(
+                    (str(getattr(message, f)) for f in _TARGET_FIELDS if getattr(message, f, "")),
+                    "",
+                )
+                self._store.record_admin_event(actor, action, target, details, result)
+            except Exception:
+                # Never let the audit change a call's outcome: it already ran.
+                logger.exception("[%s] could not record the admin event (actor %s)", action, actor)
+
+        return write
 
     @staticmethod
     def _decode(request_type: type[Message], request: Any) -> Message | None:

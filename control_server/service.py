@@ -154,29 +154,38 @@ class _Broadcast:
 class DecisionWatch:
     """A live tail of the decisions committed after it was opened (an async iterator).
 
-    Wakes at once on this replica's commits and polls the store every
-    `WATCH_POLL_S`, so decisions of other replicas sharing the store show up too.
-    Ends when the service closes; `close()` it when the caller goes away.
+    `await open()` first. Wakes at once on this replica's commits and polls the
+    store every `WATCH_POLL_S` (in a worker thread, off the event loop), so
+    decisions of other replicas sharing the store show up too. Ends when the
+    service closes; `close()` it when the caller goes away.
     """
 
     def __init__(self, service: ControlService, decision_filter: DecisionFilter) -> None:
         self._service = service
         self._filter = decision_filter
-        self._cursor = service.store.latest_decision_seq()
+        self._cursor: int | None = None
         self._buffer: deque[Decision] = deque()
         self._closed = False
         service.broadcast.watchers += 1
+
+    async def open(self) -> None:
+        """Start from the latest committed decision: only later ones are sent."""
+        self._cursor = await asyncio.to_thread(self._service.store.latest_decision_seq)
 
     def __aiter__(self) -> DecisionWatch:
         return self
 
     async def __anext__(self) -> Decision:
+        if self._cursor is None:
+            raise RuntimeError("DecisionWatch: await open() before iterating")
         while not self._buffer:
             if self._closed or self._service.closed:
                 self.close()
                 raise StopAsyncIteration
             event = self._service.broadcast.current()
-            page = self._service.store.decisions_after(self._cursor, self._filter, WATCH_PAGE)
+            page = await asyncio.to_thread(
+                self._service.store.decisions_after, self._cursor, self._filter, WATCH_PAGE
+            )
             self._cursor = page.cursor
             if page.decisions:
                 self._buffer.extend(page.decisions)

@@ -7,8 +7,9 @@ interceptor sets for each call.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import grpc
@@ -49,11 +50,11 @@ async def _abort(rpc: str, context: grpc.aio.ServicerContext, exc: DomainError) 
     await context.abort(code, details)
 
 
-async def _handle(
-    rpc: str, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
-) -> T:
+async def _handle(rpc: str, context: grpc.aio.ServicerContext, call: Callable[[], T]) -> T:
+    """Run `call` (store work) in a worker thread: a slow query or a write waiting for
+    the store's lock must not hold up the event loop, which every call goes through."""
     try:
-        return await call()
+        return await asyncio.to_thread(call)
     except DomainError as exc:
         await _abort(rpc, context, exc)
     raise AssertionError("unreachable: abort raises")
@@ -101,7 +102,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRunsResponse:
-        async def call() -> pb.ListRunsResponse:
+        def call() -> pb.ListRunsResponse:
             runs = self._service.list_runs(convert.run_filter_from_proto(request))
             return pb.ListRunsResponse(runs=[convert.run_summary_to_proto(r) for r in runs])
 
@@ -110,7 +111,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def GetRun(
         self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRunResponse:
-        async def call() -> pb.GetRunResponse:
+        def call() -> pb.GetRunResponse:
             return convert.run_detail_to_proto(self._service.get_run(request.run_id))
 
         return await _handle("GetRun", context, call)
@@ -118,7 +119,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def ListDecisions(
         self, request: pb.ListDecisionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDecisionsResponse:
-        async def call() -> pb.ListDecisionsResponse:
+        def call() -> pb.ListDecisionsResponse:
             found = self._service.list_decisions(convert.decision_filter_from_proto(request))
             return pb.ListDecisionsResponse(decisions=[convert.decision_to_proto(d) for d in found])
 
@@ -133,6 +134,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
             await _abort("WatchDecisions", context, exc)
             return
         try:
+            await watch.open()
             # Headers go out once the watch is live: a client that waits for them
             # sees every decision committed afterwards.
             await context.send_initial_metadata(())
@@ -148,7 +150,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def SetOverride(
         self, request: pb.SetOverrideRequest, context: grpc.aio.ServicerContext
     ) -> pb.Override:
-        async def call() -> pb.Override:
+        def call() -> pb.Override:
             override = convert.override_from_proto(request)
             stored = self._service.set_override(override, current_actor())
             return convert.override_to_proto(stored)
@@ -158,7 +160,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def ClearOverride(
         self, request: pb.ClearOverrideRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClearOverrideResponse:
-        async def call() -> pb.ClearOverrideResponse:
+        def call() -> pb.ClearOverrideResponse:
             cleared = self._service.clear_override(request.run_id, current_actor())
             return pb.ClearOverrideResponse(cleared=cleared is not None)
 
@@ -167,7 +169,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def ListOverrides(
         self, request: pb.ListOverridesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListOverridesResponse:
-        async def call() -> pb.ListOverridesResponse:
+        def call() -> pb.ListOverridesResponse:
             found = self._service.list_overrides(request.run_id, request.include_cleared)
             return pb.ListOverridesResponse(overrides=[convert.override_to_proto(o) for o in found])
 
@@ -178,7 +180,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def PutPolicy(
         self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutPolicyResponse:
-        async def call() -> pb.PutPolicyResponse:
+        def call() -> pb.PutPolicyResponse:
             source = convert.policy_source_from_proto(request)
             view, created = self._service.put_policy(source, current_actor())
             return pb.PutPolicyResponse(policy=convert.policy_to_proto(view), created=created)
@@ -188,7 +190,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def GetPolicy(
         self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.Policy:
-        async def call() -> pb.Policy:
+        def call() -> pb.Policy:
             return convert.policy_to_proto(self._service.get_policy(request.version))
 
         return await _handle("GetPolicy", context, call)
@@ -196,7 +198,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def ListPolicies(
         self, request: pb.ListPoliciesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPoliciesResponse:
-        async def call() -> pb.ListPoliciesResponse:
+        def call() -> pb.ListPoliciesResponse:
             return convert.catalog_to_proto(self._service.list_policies())
 
         return await _handle("ListPolicies", context, call)
@@ -204,7 +206,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def ActivatePolicy(
         self, request: pb.ActivatePolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.Policy:
-        async def call() -> pb.Policy:
+        def call() -> pb.Policy:
             view = self._service.activate_policy(request.version, current_actor())
             return convert.policy_to_proto(view)
 
@@ -213,7 +215,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def PinPolicy(
         self, request: pb.PinPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.Policy:
-        async def call() -> pb.Policy:
+        def call() -> pb.Policy:
             selector = convert.selector_from_proto(request.selector)
             view = self._service.pin_policy(request.version, selector, current_actor())
             return convert.policy_to_proto(view)
@@ -223,7 +225,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def UnpinPolicy(
         self, request: pb.UnpinPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnpinPolicyResponse:
-        async def call() -> pb.UnpinPolicyResponse:
+        def call() -> pb.UnpinPolicyResponse:
             selector = convert.selector_from_proto(request.selector)
             removed = self._service.unpin_policy(selector, current_actor())
             return pb.UnpinPolicyResponse(unpinned=removed)
@@ -233,7 +235,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def SetShadowPolicy(
         self, request: pb.SetShadowPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPoliciesResponse:
-        async def call() -> pb.ListPoliciesResponse:
+        def call() -> pb.ListPoliciesResponse:
             catalog = self._service.set_shadow_policy(request.version, current_actor())
             return convert.catalog_to_proto(catalog)
 
@@ -242,7 +244,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     async def GetShadowSummary(
         self, request: pb.GetShadowSummaryRequest, context: grpc.aio.ServicerContext
     ) -> pb.ShadowSummary:
-        async def call() -> pb.ShadowSummary:
+        def call() -> pb.ShadowSummary:
             summary = self._service.shadow_summary(request.version)
             return convert.shadow_summary_to_proto(summary)
 

@@ -4,6 +4,7 @@ the live tail, against a real aio server on port 0 with a real SQLite store."""
 from __future__ import annotations
 
 import math
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.struct_pb2 import Struct
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from control_server.policy.document import default_policy, parse_policy
 from tests.conftest import ServerThread, Stubs
@@ -637,3 +639,35 @@ def test_reports_that_arrived_out_of_order_replay_as_they_were_decided(
     result = cli("replay", "--store", store, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 runs, 12 decisions, 0 differ" in result.stdout
+
+
+def test_the_server_stays_live_while_an_admin_write_waits_for_the_store(
+    stubs: Stubs, tmp_path: Path
+) -> None:
+    """Admin calls do their store work (and its audit record) off the event loop: while
+    one waits for a write lock held elsewhere, health checks are answered (a liveness
+    probe must not find the server dead), and the write goes through once it can."""
+    Trainer("run-busy").run(stubs, [0])
+    health = health_pb2_grpc.HealthStub(stubs.channel)
+    # Another process holds the store's write lock (as a long transaction would).
+    holder = sqlite3.connect(tmp_path / "control.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(
+                stubs.admin.SetOverride,
+                pb.SetOverrideRequest(run_id="run-busy", lr=0.02, reason="waits for the lock"),
+                timeout=30,
+            )
+            time.sleep(0.5)  # it reaches the store and waits there (busy timeout: 5 s)
+            for _ in range(3):
+                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            assert not waiting.done()
+            holder.execute("ROLLBACK")
+            stored = waiting.result(timeout=30)
+    finally:
+        holder.close()
+    assert stored.run_id == "run-busy" and stored.lr == 0.02
+    overrides = stubs.admin.ListOverrides(pb.ListOverridesRequest(run_id="run-busy"))
+    assert [o.override_id for o in overrides.overrides] == [stored.override_id]
