@@ -450,6 +450,21 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
             weights = list(ds / ds.sum())
         return CompositeLoss(terms, weights)
 
+    def do_split(self) -> tuple[list[str], list[str]]:
+        """nnU-Net's split, safe across ranks. Every rank that finds no
+        splits_final.json writes it, so a rank could read it half written
+        (seen: JSONDecodeError on rank 1): here rank 0 writes it while the others
+        wait, then they read it."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return super().do_split()  # type: ignore[no-any-return]
+        if dist.get_rank() != 0:
+            dist.barrier()
+            return super().do_split()  # type: ignore[no-any-return]
+        try:
+            return super().do_split()  # type: ignore[no-any-return]
+        finally:
+            dist.barrier()
+
     def on_train_start(self) -> None:
         super().on_train_start()
         # Only now: the data loaders (and their worker processes) exist, and a
