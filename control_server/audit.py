@@ -72,16 +72,6 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         action = method.rsplit("/", 1)[-1]
 
-        def event(
-            request: Any,
-            context: grpc.aio.ServicerContext | None,
-            began: float,
-            error: BaseException | None,
-            actor: str,
-            peer: str,
-        ) -> Callable[[], None]:
-            return self._event(action, request_type, request, context, began, error, actor, peer)
-
         def record(
             request: Any,
             context: grpc.aio.ServicerContext | None,
@@ -90,7 +80,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             actor: str,
             peer: str,
         ) -> None:
-            event(request, context, began, error, actor, peer)()
+            self._event(action, request_type, request, context, began, error, actor, peer)()
 
         if handler.unary_unary is not None:
             unary = handler.unary_unary
@@ -107,7 +97,10 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     # The store write runs in a worker thread, as the admin calls' own
                     # store work does: a contended store must not hold up the loop.
                     # The reply goes out after it, so the event is stored by then.
-                    write = event(request, context, began, error, current_actor(), peer)
+                    actor = current_actor()
+                    write = self._event(
+                        action, request_type, request, context, began, error, actor, peer
+                    )
                     await asyncio.to_thread(write)
 
             return handler._replace(unary_unary=unary_unary)
