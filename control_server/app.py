@@ -136,6 +136,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     store = open_store(config.store_url)
     try:
         version = activate_startup_policy(store, config.policy_file)
+        for warning in store.setting_warnings():
+            logger.warning("%s", warning)
     except BaseException:
         store.close()
         raise

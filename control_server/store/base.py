@@ -261,6 +261,11 @@ class Store(ABC):
     def check_integrity(self) -> None:
         """Raise StoreUnavailable if the database fails its own integrity check."""
 
+    def setting_warnings(self) -> list[str]:
+        """What in the database's own settings will hurt this store, one sentence each
+        (the server logs them at start); none by default."""
+        return []
+
     @abstractmethod
     def close(self) -> None:
         """Close every connection."""

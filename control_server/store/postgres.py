@@ -794,6 +794,21 @@ class PostgresStore(Store):
         with self._read() as conn:
             return _level(conn)
 
+    def setting_warnings(self) -> list[str]:
+        """Autovacuum off: every decision updates its run's row, so without vacuuming
+        the runs table fills with dead row versions and each report gets slower (seen
+        here: p50 at one report in flight 4.5 ms on a fresh database, 10-12 ms after
+        100,000 decisions; 4.2 ms again after a VACUUM)."""
+        with self._read() as conn:
+            row = conn.execute("SHOW autovacuum").fetchone()
+        if row is not None and row[0] == "off":
+            return [
+                f"postgresql store {self._name}: autovacuum is off; every decision updates "
+                "its run's row, so the runs table bloats and reports get slower: turn "
+                "autovacuum on or VACUUM the database regularly"
+            ]
+        return []
+
     def check_integrity(self) -> None:
         """Raise StoreUnavailable when rows dangle or a run summary miscounts its reports
         (PostgreSQL checks its own pages; these are the store's invariants)."""

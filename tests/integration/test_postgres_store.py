@@ -440,3 +440,33 @@ def test_a_replica_stuck_inside_a_transaction_does_not_block_the_others(db: str)
     finally:
         stuck.close()
         healthy.close()
+
+
+def _set_autovacuum(admin_url: str, value: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET autovacuum = {value}")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def test_a_server_on_a_database_without_autovacuum_warns_at_start(
+    private_pg: PrivatePostgres,
+    make_server: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = private_pg.create_database()
+    try:
+        _set_autovacuum(private_pg.url, "off")
+        with caplog.at_level("WARNING", logger="control_server.app"):
+            make_server(store_url=url)
+        warnings = [r.getMessage() for r in caplog.records if "autovacuum" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "autovacuum is off" in warnings[0] and "VACUUM" in warnings[0]
+        assert redact_url(url) in warnings[0]
+
+        caplog.clear()
+        _set_autovacuum(private_pg.url, "on")
+        with caplog.at_level("WARNING", logger="control_server.app"):
+            make_server(store_url=url)
+        assert not [r for r in caplog.records if "autovacuum" in r.getMessage()]
+    finally:
+        _set_autovacuum(private_pg.url, "DEFAULT")
