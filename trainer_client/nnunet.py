@@ -17,9 +17,13 @@ the epoch boundary:
   and nnU-Net's own ``train_losses``/``val_losses`` use the reference ones;
 - LR: PolyLR's base is rescaled so that the next epoch runs at exactly the
   decided LR and the decay goes on from there;
-- ROLLBACK restores the in-memory snapshot (network, optimizer, grad scaler,
-  control state) taken before the intervention it undoes; STOP ends the
-  training with the final checkpoint;
+- ROLLBACK restores the snapshot (network, optimizer, grad scaler, control
+  state) taken before the intervention it undoes. It is kept in memory and,
+  by rank 0, in ``checkpoint_before_intervention.pth`` in the output folder,
+  so that a run resumed with ``--c`` can still roll back: the checkpoint's
+  control state names the epoch of the snapshot it expects, and a file of
+  another epoch or run is not used. STOP ends the training with the final
+  checkpoint;
 - the control state is logged once per epoch in nnU-Net's logger, which every
   checkpoint saves, so ``--c`` resumes with the same run id, intervention
   count, LR and weights;
@@ -38,6 +42,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import socket
 import sys
 import time
@@ -65,6 +70,7 @@ from trainer_client.config import ClientConfig
 __all__ = [
     "CONTROL_LOG_KEY",
     "LOSS_COMPONENTS",
+    "SNAPSHOT_FILE",
     "CompositeLoss",
     "ControlEvent",
     "LossTerms",
@@ -84,6 +90,8 @@ logger = logging.getLogger(__name__)
 LOSS_COMPONENTS: tuple[str, ...] = ("dice", "ce", "focal", "variance")
 #: The key of the control state in nnU-Net's logger (saved in every checkpoint).
 CONTROL_LOG_KEY = "training_control"
+#: The snapshot taken before the latest intervention, in the output folder (rank 0).
+SNAPSHOT_FILE = "checkpoint_before_intervention.pth"
 
 # DC_and_CE_loss computes ``weight_ce * ce + weight_dice * dc``: summing in the
 # same order makes {dice 1, ce 1} give its value to the last bit.
@@ -323,8 +331,9 @@ def default_run_id(dataset: str, trainer: str, plans: str, configuration: str, f
 
 @dataclass(frozen=True)
 class _Snapshot:
-    """What ROLLBACK restores: taken in memory right before an intervention is applied."""
+    """What ROLLBACK restores: taken right before an intervention is applied."""
 
+    run_id: str
     epoch: int
     network: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
@@ -380,6 +389,9 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         self._client: ControlClient | None = None
         self._run: RunState | None = None
         self._snapshot: _Snapshot | None = None
+        #: The epoch of the intervention a ROLLBACK would undo (None: nothing to undo);
+        #: saved in the control state, so a resumed run knows which snapshot file is its.
+        self._snapshot_epoch: int | None = None
         self._stop_requested = False
         self.logger.local_logger.my_fantastic_logging.setdefault(CONTROL_LOG_KEY, [])
 
@@ -610,6 +622,7 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         run.loss_weights = dict(saved["loss_weights"])
         self.lr_scheduler.initial_lr = float(saved["lr_base"])
         self._stop_requested = bool(saved["stopped"])
+        self._snapshot_epoch = saved.get("snapshot_epoch")  # absent in older checkpoints
         if isinstance(self.loss, CompositeLoss):
             self.loss.set_reference_weights(saved["reference_loss_weights"])
             self.loss.set_weights(saved["loss_weights"])
@@ -634,6 +647,7 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
             "reference_loss_weights": self._reference_weights(),
             "stopped": self._stop_requested,
             "num_epochs": int(self.num_epochs),
+            "snapshot_epoch": self._snapshot_epoch,
         }
 
     # -- report, decide, apply --------------------------------------------------------------
@@ -712,6 +726,8 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
                 return "refused"
         if action == control_pb2.INTERVENE:
             self._snapshot = self._take_snapshot(epoch)
+            self._snapshot_epoch = epoch
+            self._save_snapshot(self._snapshot)
             self._take_lr_and_weights(decision)
         elif action == control_pb2.ROLLBACK:
             self._rollback(epoch, decision)
@@ -750,14 +766,17 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         run.loss_weights = self._loss_weights()
 
     def _rollback(self, epoch: int, decision: control_pb2.Decision) -> None:
-        snapshot, self._snapshot = self._snapshot, None
+        started = time.perf_counter()
+        snapshot, source = self._snapshot, "memory"
+        if snapshot is None:
+            snapshot, source = self._saved_snapshot(epoch), SNAPSHOT_FILE
+        self._snapshot, self._snapshot_epoch = None, None
         if snapshot is None:
             self.print_to_log_file(
-                f"{_PREFIX} WARNING: epoch {epoch}: ROLLBACK without a snapshot in memory "
-                "(taken before a restart?); only the LR and loss weights are restored"
+                f"{_PREFIX} WARNING: epoch {epoch}: ROLLBACK without a snapshot of the "
+                "intervention it undoes; only the LR and loss weights are restored"
             )
         else:
-            started = time.perf_counter()
             self._bare_network().load_state_dict(snapshot.network)
             self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
             if self.grad_scaler is not None and snapshot.grad_scaler is not None:
@@ -769,12 +788,59 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
             self.last_rollback = snapshot
             self.print_to_log_file(
                 f"{_PREFIX} epoch {epoch}: restored the model and optimizer of epoch "
-                f"{snapshot.epoch} ({time.perf_counter() - started:.2f} s)"
+                f"{snapshot.epoch} from {source} ({time.perf_counter() - started:.2f} s)"
             )
         self._take_lr_and_weights(decision)
 
+    def _save_snapshot(self, snapshot: _Snapshot) -> None:
+        """Rank 0 writes the snapshot next to the checkpoints (atomically: a crash
+        mid-write leaves the previous file). A failure costs only the rollback after
+        a restart, so it is logged, not raised."""
+        if self.local_rank != 0:
+            return
+        path = join(self.output_folder, SNAPSHOT_FILE)
+        started = time.perf_counter()
+        try:
+            torch.save(vars(snapshot), path + ".partial")
+            os.replace(path + ".partial", path)
+        except (OSError, RuntimeError) as error:
+            self.print_to_log_file(
+                f"{_PREFIX} WARNING: could not save the snapshot of epoch {snapshot.epoch} to "
+                f"{path}: {error}; a ROLLBACK after a restart will restore only LR and weights"
+            )
+            return
+        self.print_to_log_file(
+            f"{_PREFIX} saved the snapshot of epoch {snapshot.epoch} "
+            f"({time.perf_counter() - started:.2f} s)"
+        )
+
+    def _saved_snapshot(self, epoch: int) -> _Snapshot | None:
+        """The snapshot file, if it is the one this run's control state expects (the
+        run resumed since it was taken); else None, with the reason logged."""
+        expected = self._snapshot_epoch
+        if expected is None:
+            return None
+        path = join(self.output_folder, SNAPSHOT_FILE)
+        try:
+            fields = torch.load(path, map_location=self.device, weights_only=False)
+            snapshot = _Snapshot(**fields)
+        except (OSError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as error:
+            self.print_to_log_file(
+                f"{_PREFIX} WARNING: epoch {epoch}: cannot read the snapshot {path}: {error}"
+            )
+            return None
+        if snapshot.run_id != self.run_id or snapshot.epoch != expected:
+            self.print_to_log_file(
+                f"{_PREFIX} WARNING: epoch {epoch}: {path} holds the snapshot of run "
+                f"{snapshot.run_id} epoch {snapshot.epoch}, not of run {self.run_id} epoch "
+                f"{expected}; not used"
+            )
+            return None
+        return snapshot
+
     def _take_snapshot(self, epoch: int) -> _Snapshot:
         return _Snapshot(
+            run_id=self.run_id,
             epoch=epoch,
             network={k: v.detach().clone() for k, v in self._bare_network().state_dict().items()},
             optimizer=copy.deepcopy(self.optimizer.state_dict()),

@@ -86,6 +86,8 @@ class RecordingTrainer(nnUNetTrainerControlled):
         self.after_rollback: tuple[int, dict[str, torch.Tensor]] | None = None
         #: Sum of all parameters at every epoch's end, before the decision is applied.
         self.checksums: dict[int, float] = {}
+        #: The network state at every epoch's end, before the decision is applied.
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -103,6 +105,9 @@ class RecordingTrainer(nnUNetTrainerControlled):
         self.checksums[self.current_epoch] = float(
             sum(p.detach().double().sum() for p in self.network.parameters())
         )
+        self.states[self.current_epoch] = {
+            k: v.detach().clone() for k, v in self.network.state_dict().items()
+        }
         super().on_epoch_end()
         if self.crash_after_epoch is not None and self.current_epoch - 1 == self.crash_after_epoch:
             raise RuntimeError(f"simulated crash after epoch {self.crash_after_epoch}")

@@ -20,7 +20,7 @@ from tests.conftest import ServerThread
 from tests.nnunet.conftest import RecordingTrainer, ScriptedServer
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
-from trainer_client.nnunet import CONTROL_LOG_KEY, CompositeLoss
+from trainer_client.nnunet import CONTROL_LOG_KEY, SNAPSHOT_FILE, CompositeLoss
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = {"dice": 1.0, "ce": 1.0}
@@ -204,6 +204,69 @@ def test_resume_after_a_crash_keeps_run_id_interventions_lr_and_weights(
     # nnU-Net's own logs run on seamlessly: one entry per epoch.
     assert len(resumed.logger.get_value("lrs", step=None)) == epochs
     assert len(resumed.logger.get_value(CONTROL_LOG_KEY, step=None)) == epochs
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("snapshot_file", ["kept", "lost", "of another epoch"])
+def test_a_run_resumed_after_an_intervention_can_still_roll_it_back(
+    scripted_server: Callable[..., ScriptedServer],
+    make_trainer: Callable[..., RecordingTrainer],
+    snapshot_file: str,
+) -> None:
+    server = scripted_server(
+        {
+            0: {
+                "action": pb.INTERVENE,
+                "lr": 0.004,
+                "loss_weights": {"dice": 0.5, "focal": 0.5},
+                "intervention_index": 1,
+            },
+            2: {"action": pb.ROLLBACK, "lr": 0.0095, "loss_weights": {"dice": 1.0, "ce": 1.0}},
+        }
+    )
+    epochs = 4
+    crashing = make_trainer(
+        epochs=epochs, server=server.target, save_every=1, env={"TRAINCTL_RUN_ID": "rb-run"}
+    )
+    crashing.crash_after_epoch = 1
+    with pytest.raises(RuntimeError, match="simulated crash after epoch 1"):
+        crashing.run_training()
+    output = Path(crashing.output_folder)
+    saved = output / SNAPSHOT_FILE
+    assert saved.is_file()
+    if snapshot_file == "lost":
+        saved.unlink()
+    elif snapshot_file == "of another epoch":
+        fields = torch.load(saved, weights_only=False)
+        torch.save({**fields, "epoch": 7}, saved)
+
+    resumed = make_trainer(
+        epochs=epochs, server=server.target, continue_training=True, env={"TRAINCTL_RUN_ID": ""}
+    )
+    resumed.load_checkpoint(str(output / "checkpoint_latest.pth"))
+    resumed.run_training()
+
+    # The ROLLBACK at 2 undoes the intervention at 0, decided before the restart:
+    # epoch 3 starts from the parameters of epoch 0, bit for bit, if the file is its.
+    assert [e.outcome for e in resumed.control_events] == ["applied", "none"]
+    log = Path(resumed.log_file).read_text()
+    if snapshot_file == "kept":
+        assert resumed.after_rollback is not None
+        epoch, state = resumed.after_rollback
+        assert epoch == 3
+        before = crashing.states[0]
+        assert state.keys() == before.keys()
+        assert all(torch.equal(state[k], before[k]) for k in state)
+        assert not all(torch.equal(state[k], resumed.states[2][k]) for k in state)
+        assert f"restored the model and optimizer of epoch 0 from {SNAPSHOT_FILE}" in log
+    else:
+        assert resumed.last_rollback is None
+        assert "ROLLBACK without a snapshot of the intervention it undoes" in log
+    if snapshot_file == "of another epoch":
+        assert "holds the snapshot of run rb-run epoch 7, not of run rb-run epoch 0" in log
+    # Either way the decision's LR and weights are taken.
+    assert resumed.lr_of(3) == pytest.approx(0.0095, rel=1e-12)
+    assert resumed.weights_of(3)[0] == REFERENCE
 
 
 def assert_unchanged_training(
