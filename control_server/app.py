@@ -79,6 +79,8 @@ class RunningServer:
     policy_version: str
     grace_s: float
     metrics: Metrics
+    #: Records admin calls; `close()` it before closing the store.
+    audit: AuditInterceptor
     #: The /metrics endpoint, when served.
     metrics_endpoint: MetricsEndpoint | None = None
 
@@ -87,6 +89,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         self.service.close()  # ends WatchDecisions streams, which would hold stop() for grace_s
         await self.server.stop(self.grace_s)
+        await self.audit.close()
         await self.decider.close()
         self.store.close()
         if self.metrics_endpoint is not None:
@@ -157,10 +160,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.so_reuseport", 0),
     ]
     # Metrics outermost, then the audit, then auth: refused calls are counted and recorded.
-    interceptors: list[grpc.aio.ServerInterceptor] = [
-        MetricsInterceptor(metrics),
-        AuditInterceptor(store),
-    ]
+    audit = AuditInterceptor(store)
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), audit]
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
     server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -201,5 +202,6 @@ async def start_server(config: ServerConfig) -> RunningServer:
         version,
         config.grace_s,
         metrics,
+        audit,
         endpoint,
     )

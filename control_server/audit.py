@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -54,6 +55,12 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, store: Store, *, max_request_chars: int = MAX_REQUEST_CHARS) -> None:
         self._store = store
         self._max = max_request_chars
+        # One thread writes every record, in the order the calls ended: off the event
+        # loop (a store waiting for a lock must not stall every call the server is
+        # serving), and in order (a refusal reaches its client before its record is
+        # written, so the next call's record could otherwise overtake it).
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit")
+        self._pending: set[asyncio.Future[None]] = set()
         # Refusals come from terminators without a deserializer: decode their bytes here.
         self._request_types: dict[str, type[Message]] = {
             f"/{_ADMIN.full_name}/{m.name}": message_factory.GetMessageClass(m.input_type)
@@ -80,7 +87,11 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             actor: str,
             peer: str,
         ) -> None:
-            self._event(action, request_type, request, context, began, error, actor, peer)()
+            # A stream's end cannot await (its generator may be closing): the write
+            # is queued, and `close()` waits for it.
+            self._write(
+                self._event(action, request_type, request, context, began, error, actor, peer)
+            )
 
         if handler.unary_unary is not None:
             unary = handler.unary_unary
@@ -94,19 +105,32 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     raise
                 finally:
                     # The auth interceptor set the actor in this task, inside the call.
-                    # The store write runs in a worker thread, as the admin calls' own
-                    # store work does: a contended store must not hold up the loop.
-                    # The reply goes out after it, so the event is stored by then.
+                    # An answer goes out after its record is stored (a refusal before).
                     actor = current_actor()
-                    write = self._event(
-                        action, request_type, request, context, began, error, actor, peer
+                    await self._write(
+                        self._event(
+                            action, request_type, request, context, began, error, actor, peer
+                        )
                     )
-                    await asyncio.to_thread(write)
 
             return handler._replace(unary_unary=unary_unary)
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=_audited_stream(handler.unary_stream, record))
         return handler
+
+    def _write(self, write: Callable[[], None]) -> asyncio.Future[None]:
+        """Queue one record's store write on the writer thread."""
+        pending = asyncio.get_running_loop().run_in_executor(self._writer, write)
+        self._pending.add(pending)
+        pending.add_done_callback(self._pending.discard)
+        return pending
+
+    async def close(self) -> None:
+        """Wait until every queued record is written, then stop the writer thread
+        (before closing the store)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        self._writer.shutdown(wait=False)
 
     def _event(
         self,

@@ -671,3 +671,34 @@ def test_the_server_stays_live_while_an_admin_write_waits_for_the_store(
     assert stored.run_id == "run-busy" and stored.lr == 0.02
     overrides = stubs.admin.ListOverrides(pb.ListOverridesRequest(run_id="run-busy"))
     assert [o.override_id for o in overrides.overrides] == [stored.override_id]
+
+
+def test_the_server_stays_live_while_an_ended_watch_waits_to_be_recorded(
+    server: ServerThread, stubs: Stubs, tmp_path: Path
+) -> None:
+    """A watch's audit record is written when the stream ends, off the event loop too:
+    while it waits for the store, health checks are answered; it is stored later."""
+    health = health_pb2_grpc.HealthStub(stubs.channel)
+    call = stubs.admin.WatchDecisions(pb.WatchDecisionsRequest(), timeout=STREAM_DEADLINE)
+    call.initial_metadata()
+    holder = sqlite3.connect(tmp_path / "control.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        call.cancel()
+        deadline = time.monotonic() + 5
+        while server.running.service.broadcast.watchers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.running.service.broadcast.watchers == 0
+        for _ in range(3):
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        events = [e for e in server.running.store.admin_events() if e["action"] == "WatchDecisions"]
+        if events:
+            break
+        time.sleep(0.05)
+    assert [e["result"] for e in events] == ["CANCELLED"]
