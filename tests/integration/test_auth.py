@@ -487,9 +487,8 @@ def test_the_actor_is_set_in_the_task_that_runs_the_handler(tmp_path: Path) -> N
             return None
 
     async def scenario() -> tuple[bytes, list[bytes]]:
-        server = grpc.aio.server(
-            interceptors=[AuditInterceptor(store), AuthInterceptor(TokenTable(path))]
-        )
+        audit = AuditInterceptor(store)
+        server = grpc.aio.server(interceptors=[audit, AuthInterceptor(TokenTable(path))])
         server.add_generic_rpc_handlers([Handlers()])
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -505,6 +504,7 @@ def test_the_actor_is_set_in_the_task_that_runs_the_handler(tmp_path: Path) -> N
                 streamed = [item async for item in stream]
         finally:
             await server.stop(None)
+            await audit.close()  # the stream's record is written after it ends
         return unary, streamed
 
     try:
