@@ -76,7 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    store = open_store(args.store)
+    # Read-only: replay never writes the store, nor migrates it, nor creates one
+    # where a mistyped path points; it works on a copy on a read-only volume too.
+    store = open_store(args.store, read_only=True)
     try:
         what_if: PolicyDoc | None = load_policy_file(args.policy) if args.policy else None
         cache = PolicyCache(store)

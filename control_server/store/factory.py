@@ -14,8 +14,9 @@ logger = logging.getLogger(__name__)
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def open_store(url: str) -> Store:
-    """Open the store named by `url`.
+def open_store(url: str, *, read_only: bool = False) -> Store:
+    """Open the store named by `url` (`read_only`: an existing, migrated one, never
+    written; writes raise StoreUnavailable).
 
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` (as
     SQLAlchemy spells them) open or create a SQLite file, creating its parent
@@ -28,7 +29,7 @@ def open_store(url: str) -> Store:
         raise ValueError(f"store URL must look like scheme://..., but got {url!r}")
     backend = scheme.split("+", 1)[0].lower()
     if backend == "sqlite":
-        return SqliteStore(_sqlite_path(url, rest))
+        return SqliteStore(_sqlite_path(url, rest, create=not read_only), read_only=read_only)
     if backend in _POSTGRES_SCHEMES:
         try:
             from control_server.store.postgres import PostgresStore
@@ -37,14 +38,14 @@ def open_store(url: str) -> Store:
                 f"a PostgreSQL store needs psycopg: pip install 'training-control[postgres]' "
                 f"({exc})"
             ) from exc
-        return PostgresStore(f"postgresql://{rest}")
+        return PostgresStore(f"postgresql://{rest}", read_only=read_only)
     raise ValueError(
         f"unknown store URL scheme {scheme!r} in {url!r}; "
         "expected sqlite:///path.db or postgresql://..."
     )
 
 
-def _sqlite_path(url: str, rest: str) -> Path:
+def _sqlite_path(url: str, rest: str, *, create: bool) -> Path:
     host, slash, path = rest.partition("/")
     if host or not slash:
         raise ValueError(
@@ -56,7 +57,8 @@ def _sqlite_path(url: str, rest: str) -> Path:
     if "?" in path:
         raise ValueError(f"SQLite URL parameters are not supported, but got {url!r}")
     file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        file.parent.mkdir(parents=True, exist_ok=True)
     logger.debug("sqlite store at %s", file)
     return file
 

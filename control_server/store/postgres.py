@@ -67,7 +67,12 @@ from control_server.store.rows import (
     load_weights,
     shadow_summary_from,
 )
-from control_server.store.schema import POSTGRES_MIGRATIONS, check_level, load_migrations
+from control_server.store.schema import (
+    POSTGRES_MIGRATIONS,
+    check_current,
+    check_level,
+    load_migrations,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +295,8 @@ class PostgresStore(Store):
     ones within `FAIL_FAST_S` until a call succeeds again (reads run on the event
     loop: an outage must not stall it). `open_timeout` bounds the wait for the
     database at open. `session_timeouts` overrides entries of SESSION_TIMEOUTS.
+    With `read_only` (replay) every transaction is read-only and the database must
+    already be migrated.
     """
 
     def __init__(
@@ -303,6 +310,7 @@ class PostgresStore(Store):
         reconnect_timeout: float = 5.0,
         session_timeouts: Mapping[str, float] = SESSION_TIMEOUTS,
         migrations: Traversable = POSTGRES_MIGRATIONS,
+        read_only: bool = False,
     ) -> None:
         if timeout <= 0 or open_timeout <= 0:
             raise ValueError(f"timeouts must be > 0 seconds, but got {timeout}, {open_timeout}.")
@@ -325,7 +333,7 @@ class PostgresStore(Store):
             min_size=min_size,
             max_size=max_size,
             kwargs={"autocommit": True},
-            configure=_session_setup({**SESSION_TIMEOUTS, **session_timeouts}),
+            configure=_session_setup({**SESSION_TIMEOUTS, **session_timeouts}, read_only),
             timeout=timeout,
             reconnect_timeout=reconnect_timeout,
             name=f"control-store {self._name}",
@@ -334,7 +342,11 @@ class PostgresStore(Store):
         try:
             self._pool.open(wait=True, timeout=open_timeout)
             with self._pool.connection(timeout=open_timeout) as conn:
-                self._level = _migrate(conn, load_migrations(migrations))
+                if read_only:
+                    self._level = _level(conn)
+                    check_current(self._level, len(load_migrations(migrations)))
+                else:
+                    self._level = _migrate(conn, load_migrations(migrations))
         except BaseException as exc:
             self.close()
             if isinstance(exc, psycopg.Error):
@@ -1013,12 +1025,15 @@ def _level(conn: Connection) -> int:
     return int(row[0]) if row is not None else 0
 
 
-def _session_setup(timeouts: Mapping[str, float]) -> Callable[[Connection], None]:
-    """The pool's `configure`: every connection speaks UTC (timestamps come back in UTC)
-    and bounds its waits (see SESSION_TIMEOUTS)."""
+def _session_setup(
+    timeouts: Mapping[str, float], read_only: bool = False
+) -> Callable[[Connection], None]:
+    """The pool's `configure`: every connection speaks UTC (timestamps come back in UTC),
+    bounds its waits (see SESSION_TIMEOUTS) and, `read_only`, writes nothing."""
     sql = (
         "SET TIME ZONE 'UTC'; "
         + "".join(f"SET {_SESSION_SETTINGS[k]} = {int(v * 1000)}; " for k, v in timeouts.items())
+        + ("SET default_transaction_read_only = on; " if read_only else "")
     ).encode()
 
     def configure(conn: Connection) -> None:

@@ -45,6 +45,18 @@ def load_migrations(source: Traversable) -> list[tuple[str, str]]:
     ]
 
 
+def check_current(level: int, known: int) -> None:
+    """For a store opened read-only (which cannot be migrated): raise StoreUnavailable
+    unless the database is at exactly the level we know."""
+    check_level(level, known)
+    if level < known:
+        raise StoreUnavailable(
+            f"database schema version {level} is older than this control-server's ({known}) "
+            "and a read-only store cannot be migrated: start `control-server serve` on it "
+            "(or on a writable copy) once"
+        )
+
+
 def check_level(level: int, known: int) -> None:
     """Raise StoreUnavailable when the database is newer than the migrations we know."""
     if level > known:

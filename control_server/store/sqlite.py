@@ -49,7 +49,12 @@ from control_server.store.rows import (
     load_weights,
     shadow_summary_from,
 )
-from control_server.store.schema import SQLITE_MIGRATIONS, check_level, load_migrations
+from control_server.store.schema import (
+    SQLITE_MIGRATIONS,
+    check_current,
+    check_level,
+    load_migrations,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -218,32 +223,57 @@ class _Contexts:
 
 
 class SqliteStore(Store):
-    """`Store` on one SQLite file (created and migrated on open)."""
+    """`Store` on one SQLite file (created and migrated on open).
+
+    With ``read_only=True`` (replay) it opens an existing, migrated file without
+    ever writing it, also on a read-only volume; every write raises
+    StoreUnavailable.
+    """
 
     def __init__(
-        self, path: str | Path, *, busy_timeout: float = 5.0, migrations: Traversable = MIGRATIONS
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = 5.0,
+        migrations: Traversable = MIGRATIONS,
+        read_only: bool = False,
     ) -> None:
         self._path = str(path)
         self._busy_timeout = busy_timeout
+        self._read_only = read_only
+        self._immutable = False
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
-        _require_writable(Path(self._path))
+        if read_only:
+            if not Path(self._path).is_file():
+                raise StoreUnavailable(f"sqlite store {self._path}: no such file")
+        else:
+            _require_writable(Path(self._path))
         try:
             conn = self._connection()
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreUnavailable(
-                    f"sqlite store {self._path}: cannot use WAL (journal_mode={mode})"
-                )
-            self._level = _migrate(conn, load_migrations(migrations))
+            if read_only:
+                self._level = _level(conn)
+                check_current(self._level, len(load_migrations(migrations)))
+            else:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    raise StoreUnavailable(
+                        f"sqlite store {self._path}: cannot use WAL (journal_mode={mode})"
+                    )
+                self._level = _migrate(conn, load_migrations(migrations))
         except BaseException as exc:
             self.close()
             if isinstance(exc, sqlite3.Error):
                 raise _unavailable(self._path, exc) from exc
             raise
-        logger.info("opened sqlite store %s (schema %d)", self._path, self._level)
+        logger.info(
+            "opened sqlite store %s (schema %d%s)",
+            self._path,
+            self._level,
+            ", read-only" if read_only else "",
+        )
 
     # --- connections and transactions -------------------------------------------------
 
@@ -255,14 +285,7 @@ class SqliteStore(Store):
         if conn is not None:
             return conn
         try:
-            # check_same_thread=False only so that close() may close every thread's
-            # connection; each connection is still used by its own thread alone.
-            conn = sqlite3.connect(
-                self._path,
-                timeout=self._busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            conn = self._connect()
         except sqlite3.Error as exc:
             raise _unavailable(self._path, exc) from exc
         with self._lock:
@@ -279,6 +302,39 @@ class SqliteStore(Store):
             raise _unavailable(self._path, exc) from exc
         self._local.conn = conn
         return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        # check_same_thread=False only so that close() may close every thread's
+        # connection; each connection is still used by its own thread alone.
+        if not self._read_only:
+            return sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        # mode=ro never writes the file. Reading a WAL database needs its -shm, which
+        # a read-only volume does not let SQLite create; without a -wal nobody is
+        # writing it (a writer keeps one), so it may then be read as immutable.
+        uri = Path(self._path).resolve().as_uri() + "?mode=ro"
+        for immutable in (self._immutable, True):
+            conn = sqlite3.connect(
+                uri + ("&immutable=1" if immutable else ""),
+                uri=True,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                conn.close()
+                if immutable or Path(f"{self._path}-wal").exists():
+                    raise
+                continue
+            self._immutable = immutable
+            return conn
+        raise AssertionError("unreachable: the immutable attempt returns or raises")
 
     def _contexts(self) -> _Contexts:
         """This thread's (this connection's) remembered run contexts."""
@@ -298,6 +354,8 @@ class SqliteStore(Store):
         this connection forget the run contexts it remembers.
         sqlite3 errors become StoreUnavailable; domain errors pass through.
         """
+        if write and self._read_only:
+            raise StoreUnavailable(f"sqlite store {self._path} is open read-only")
         conn = self._connection()
         if conn.in_transaction:
             yield conn

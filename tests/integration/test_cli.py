@@ -122,6 +122,14 @@ def test_replay_reproduces_the_record_and_catches_a_tampered_decision(
     assert "1 differ" in bad.stdout
 
 
+def test_replay_of_a_store_that_is_not_there_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "control.db"
+    result = cli("replay", "--store", f"sqlite:///{missing}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"control-server replay: sqlite store {missing}: no such file" in result.stderr
+    assert not missing.parent.exists()
+
+
 def test_replay_with_another_policy_is_a_what_if(tmp_path: Path, policy_file: Path) -> None:
     store = f"sqlite:///{tmp_path}/control.db"
     server = ServerProcess("--store", store, "--policy", str(policy_file), cwd=tmp_path)

@@ -638,7 +638,7 @@ def test_a_volume_turning_read_only_under_a_running_server_answers_unavailable(
 
 
 @pytest.mark.parametrize("left", ["stopped", "crashed"])
-def test_a_store_on_a_read_only_volume_refuses_to_start_with_a_clear_error(
+def test_a_store_on_a_read_only_volume_refuses_to_serve_clearly_and_replays(
     left: str, tmpfs: Volume, servers: list[Served], tmp_path: Path
 ) -> None:
     db = tmpfs.path / "control.db"
@@ -676,6 +676,17 @@ def test_a_store_on_a_read_only_volume_refuses_to_start_with_a_clear_error(
     assert "mounted read-only" in start.stderr, start.stderr
     assert "Traceback" not in start.stderr
     assert sqlite_read_only(db) == answered
+    # Replay only reads: it works on the read-only volume (the audit of a copy).
+    replay = subprocess.run(
+        [sys.executable, "-m", "control_server.cli", "replay", "--store", url],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "replay: 1 runs, 3 decisions, 0 differ from the record" in replay.stdout
 
     tmpfs.remount(read_only=False)
     server = serve(servers, url, tmp_path)

@@ -470,3 +470,11 @@ def test_a_server_on_a_database_without_autovacuum_warns_at_start(
         assert not [r for r in caplog.records if "autovacuum" in r.getMessage()]
     finally:
         _set_autovacuum(private_pg.url, "DEFAULT")
+
+
+def test_read_only_does_not_migrate_an_older_schema(new_db: str, tmp_path: Path) -> None:
+    only_first = _copy(POSTGRES_MIGRATIONS, tmp_path / "only-0001", upto=1)
+    PostgresStore(new_db, migrations=only_first).close()
+    with pytest.raises(StoreUnavailable, match=r"schema version 1 is older .* cannot be migrated"):
+        PostgresStore(new_db, read_only=True)
+    assert _raw(new_db, "SELECT version FROM schema_version") == [(1,)]

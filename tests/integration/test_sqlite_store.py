@@ -354,3 +354,24 @@ def test_relative_and_absolute_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_bad_urls_are_refused(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         open_store(url)
+
+
+def test_read_only_opens_neither_a_missing_file_nor_an_unmigrated_one(
+    db: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "typo" / "control.db"
+    with pytest.raises(StoreUnavailable, match="no such file"):
+        open_store(f"sqlite:///{missing}", read_only=True)
+    assert not missing.parent.exists()
+
+    only_first = tmp_path / "only-0001"
+    only_first.mkdir()
+    (only_first / "0001_initial.sql").write_text(
+        MIGRATIONS.joinpath("0001_initial.sql").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    SqliteStore(db, migrations=only_first).close()
+    before = db.read_bytes()
+    with pytest.raises(StoreUnavailable, match=r"schema version 1 is older .* cannot be migrated"):
+        open_store(f"sqlite:///{db}", read_only=True)
+    assert db.read_bytes() == before
+    assert _raw(db, "SELECT version FROM schema_version") == [(1,)]

@@ -1018,3 +1018,43 @@ def _reopened(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]
         yield other
     finally:
         other.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with _store_url(request.param, request, tmp_path) as url:
+        yield url
+
+
+def test_a_read_only_store_reads_everything_and_refuses_every_write(store_url: str) -> None:
+    writer = open_store(store_url)
+    try:
+        writer.record_decisions([make_record("run-a", 0)])
+        writer.put_policy(make_policy("v1"))
+        override = writer.set_override(make_override())
+        reader = open_store(store_url, read_only=True)
+        try:
+            assert reader.run_ids() == ["run-a"]
+            assert reader.get_run("run-a") == writer.get_run("run-a")
+            assert reader.list_overrides("run-a") == [override]
+            assert reader.get_policy("v1") == writer.get_policy("v1")
+            writes: list[Callable[[], object]] = [
+                lambda: reader.record_decisions([make_record("run-a", 1)]),
+                lambda: reader.set_override(make_override(at=1)),
+                lambda: reader.clear_override("run-a", "bob", T0),
+                lambda: reader.put_policy(make_policy("v2")),
+                lambda: reader.activate_policy("v1", actor="bob"),
+                lambda: reader.record_admin_event("bob", "GetRun", "run-a", {}, "OK"),
+            ]
+            for write in writes:
+                with pytest.raises(StoreUnavailable, match="read-only"):
+                    write()
+        finally:
+            reader.close()
+        found = writer.get_run("run-a")
+        assert found is not None and [r.epoch for r, _ in found[1]] == [0]
+        assert writer.list_overrides("run-a") == [override]
+        assert [p.version for p in writer.list_policies()] == ["v1"]
+        assert writer.admin_events() == []
+    finally:
+        writer.close()
