@@ -105,11 +105,14 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     raise
                 finally:
                     # The auth interceptor set the actor in this task, inside the call.
-                    # An answer goes out after its record is stored (a refusal before).
+                    # An answer goes out after its record is stored (a refusal before);
+                    # a call cancelled meanwhile still gets its record (shielded).
                     actor = current_actor()
-                    await self._write(
-                        self._event(
-                            action, request_type, request, context, began, error, actor, peer
+                    await asyncio.shield(
+                        self._write(
+                            self._event(
+                                action, request_type, request, context, began, error, actor, peer
+                            )
                         )
                     )
 

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from control_server.store import open_store
 from tests.conftest import REPO, ServerThread, report
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -80,8 +81,7 @@ def test_metrics_count_rpcs_by_code_decisions_by_action_and_commit_latency(
 
 
 def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("plateau: {patience: -1}\n")
+    open_store(f"sqlite:///{tmp_path}/c.db").close()  # replay opens an existing store only
     result = subprocess.run(
         [
             sys.executable,
