@@ -201,8 +201,10 @@ class Store(ABC):
 
     @abstractmethod
     def activate_policy(self, version: str, actor: str) -> None:
-        """Make a stored version the active one (records an admin event).
-        Raises NotFound for an unknown version."""
+        """Make a stored version the active one, recording a ``PolicyActivated``
+        admin event that names the version it replaced (in the same transaction;
+        an activation at server start has no call to record). Raises NotFound for
+        an unknown version."""
 
     @abstractmethod
     def active_policy(self) -> str | None:

@@ -686,7 +686,7 @@ class PostgresStore(Store):
                 conn,
                 now,
                 actor,
-                "ActivatePolicy",
+                "PolicyActivated",
                 version,
                 {"previous": row[0] if row else None},
                 "OK",

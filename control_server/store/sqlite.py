@@ -677,7 +677,7 @@ class SqliteStore(Store):
                 conn,
                 now,
                 actor,
-                "ActivatePolicy",
+                "PolicyActivated",
                 version,
                 {"previous": row[0] if row else None},
                 "OK",

@@ -334,7 +334,7 @@ def test_an_invalid_policy_is_refused_and_the_active_one_stays(
     assert decision.policy_version == DEFAULT_VERSION
 
 
-def test_activate_policy_switches_new_decisions(stubs: Stubs) -> None:
+def test_activate_policy_switches_new_decisions(server: ServerThread, stubs: Stubs) -> None:
     run = Trainer("run-switch")
     [before] = run.run(stubs, [0])
     eager = put_eager(stubs)
@@ -349,6 +349,19 @@ def test_activate_policy_switches_new_decisions(stubs: Stubs) -> None:
     empty = rpc_error(lambda: stubs.admin.ActivatePolicy(pb.ActivatePolicyRequest()))
     assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stubs.control.ReportEpoch(run.report(2)).policy_version == eager
+    # The audit: each call, and the one activation with the version it replaced.
+    events = [
+        (e["action"], e["target"], e["result"], e["details"].get("previous"))
+        for e in server.running.store.admin_events()
+        if e["actor"] != "control-server" and "Policy" in e["action"]
+    ]
+    assert events == [
+        ("PutPolicy", "", "OK", None),
+        ("PolicyActivated", eager, "OK", DEFAULT_VERSION),
+        ("ActivatePolicy", eager, "OK", None),
+        ("ActivatePolicy", "nope", "NOT_FOUND", None),
+        ("ActivatePolicy", "", "INVALID_ARGUMENT", None),
+    ]
 
 
 def test_pinned_runs_get_the_pinned_version_and_others_the_active_one(stubs: Stubs) -> None:

@@ -446,8 +446,8 @@ def test_activate_policy(store: Store) -> None:
 
     events = store.admin_events()
     assert [(e["actor"], e["action"], e["target"], e["result"]) for e in events] == [
-        ("alice", "ActivatePolicy", "v1", "OK"),
-        ("bob", "ActivatePolicy", "v2", "OK"),
+        ("alice", "PolicyActivated", "v1", "OK"),
+        ("bob", "PolicyActivated", "v2", "OK"),
     ]
     assert events[1]["details"] == {"previous": "v1"}
 
