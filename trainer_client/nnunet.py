@@ -37,6 +37,7 @@ search by name (which imports torchvision, broken beside a CPU-only torch).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -799,11 +800,14 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         if self.local_rank != 0:
             return
         path = join(self.output_folder, SNAPSHOT_FILE)
+        partial = path + ".partial"
         started = time.perf_counter()
         try:
-            torch.save(vars(snapshot), path + ".partial")
-            os.replace(path + ".partial", path)
+            torch.save(vars(snapshot), partial)
+            os.replace(partial, path)
         except (OSError, RuntimeError) as error:
+            with contextlib.suppress(OSError):
+                os.remove(partial)  # a full disk should not stay fuller
             self.print_to_log_file(
                 f"{_PREFIX} WARNING: could not save the snapshot of epoch {snapshot.epoch} to "
                 f"{path}: {error}; a ROLLBACK after a restart will restore only LR and weights"

@@ -269,6 +269,23 @@ def test_a_run_resumed_after_an_intervention_can_still_roll_it_back(
     assert resumed.weights_of(3)[0] == REFERENCE
 
 
+@pytest.mark.timeout(240)
+def test_a_snapshot_that_cannot_be_saved_costs_a_warning_not_the_training(
+    scripted_server: Callable[..., ScriptedServer], make_trainer: Callable[..., RecordingTrainer]
+) -> None:
+    server = scripted_server({0: {"action": pb.INTERVENE, "lr": 0.004, "intervention_index": 1}})
+    trainer = make_trainer(epochs=2, server=server.target)
+    blocked = Path(trainer.output_folder) / SNAPSHOT_FILE
+    blocked.mkdir(parents=True)  # a directory where the file should go: the save fails
+    trainer.run_training()
+
+    assert [e.outcome for e in trainer.control_events] == ["applied", "none"]
+    assert trainer.lr_of(1) == pytest.approx(0.004, rel=1e-12)
+    log = Path(trainer.log_file).read_text()
+    assert f"WARNING: could not save the snapshot of epoch 0 to {blocked}" in log
+    assert not Path(f"{blocked}.partial").exists()
+
+
 def assert_unchanged_training(
     trainer: RecordingTrainer, epochs: int, deadline_s: float, caplog: pytest.LogCaptureFixture
 ) -> None:
