@@ -46,6 +46,7 @@ import pytest
 from control_server.domain import DecisionFilter
 from control_server.store import open_store
 from tests.conftest import REPO, report
+from tests.integration.test_cli import cli
 from tests.pg import PrivatePostgres, fresh_database, system_admin_url
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -655,36 +656,13 @@ def test_a_store_on_a_read_only_volume_refuses_to_serve_clearly_and_replays(
         assert code == 0, output
 
     tmpfs.remount(read_only=True)
-    start = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "control_server.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            url,
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT_S,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    start = cli("serve", "--listen", "127.0.0.1:0", "--store", url, cwd=tmp_path)
     assert start.returncode == 2, start.stdout + start.stderr
     assert "mounted read-only" in start.stderr, start.stderr
     assert "Traceback" not in start.stderr
     assert sqlite_read_only(db) == answered
     # Replay only reads: it works on the read-only volume (the audit of a copy).
-    replay = subprocess.run(
-        [sys.executable, "-m", "control_server.cli", "replay", "--store", url],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT_S,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    replay = cli("replay", "--store", url, cwd=tmp_path)
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert "replay: 1 runs, 3 decisions, 0 differ from the record" in replay.stdout
 
