@@ -24,6 +24,14 @@ from trainer_client.nnunet import CONTROL_LOG_KEY, SNAPSHOT_FILE, CompositeLoss
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = {"dice": 1.0, "ce": 1.0}
+# Scripted decisions two tests share: an intervention, and the rollback that undoes it.
+INTERVENE_AT_0 = {
+    "action": pb.INTERVENE,
+    "lr": 0.004,
+    "loss_weights": {"dice": 0.5, "focal": 0.5},
+    "intervention_index": 1,
+}
+ROLLBACK_TO_REFERENCE = {"action": pb.ROLLBACK, "lr": 0.0095, "loss_weights": REFERENCE}
 
 
 def get_run(target: str, run_id: str) -> pb.GetRunResponse:
@@ -107,13 +115,8 @@ def test_rollback_restores_the_snapshot_a_bad_decision_is_refused_and_stop_ends_
 ) -> None:
     server = scripted_server(
         {
-            0: {
-                "action": pb.INTERVENE,
-                "lr": 0.004,
-                "loss_weights": {"dice": 0.5, "focal": 0.5},
-                "intervention_index": 1,
-            },
-            1: {"action": pb.ROLLBACK, "lr": 0.0095, "loss_weights": {"dice": 1.0, "ce": 1.0}},
+            0: INTERVENE_AT_0,
+            1: ROLLBACK_TO_REFERENCE,
             2: {
                 "action": pb.INTERVENE,
                 "lr": 0.5,
@@ -215,13 +218,8 @@ def test_a_run_resumed_after_an_intervention_can_still_roll_it_back(
 ) -> None:
     server = scripted_server(
         {
-            0: {
-                "action": pb.INTERVENE,
-                "lr": 0.004,
-                "loss_weights": {"dice": 0.5, "focal": 0.5},
-                "intervention_index": 1,
-            },
-            2: {"action": pb.ROLLBACK, "lr": 0.0095, "loss_weights": {"dice": 1.0, "ce": 1.0}},
+            0: INTERVENE_AT_0,
+            2: ROLLBACK_TO_REFERENCE,
         }
     )
     epochs = 4
