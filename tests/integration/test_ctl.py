@@ -21,7 +21,7 @@ import pytest
 
 from control_server import ctl
 from control_server.auth import Role, create_token
-from control_server.ctl_render import EXPORT_FIELDS
+from control_server.ctl.render import EXPORT_FIELDS
 from control_server.policy.document import default_policy, parse_policy_yaml
 from tests.certs import make_certs
 from tests.conftest import REPO, ServerThread, report
@@ -348,7 +348,7 @@ def test_decisions_are_fetched_in_pages(
     server: ServerThread, admin: Any, run_ctl: Ctl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made = flat_run(admin, "run-a", range(8))
-    monkeypatch.setattr(ctl, "PAGE_SIZE", 3)
+    monkeypatch.setattr("control_server.ctl.commands.PAGE_SIZE", 3)
     lines = run_ctl(server.target, "decisions", "--format", "jsonl").out.splitlines()
     assert [json.loads(line)["decision_id"] for line in lines] == [d.decision_id for d in made]
     limited = run_ctl(server.target, "decisions", "--format", "jsonl", "--limit", "5").out
