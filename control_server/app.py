@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from control_server.audit import AuditInterceptor
-from control_server.auth import AuthInterceptor, TokenTable
+from control_server.auth import AuthInterceptor
 from control_server.decider import Decider
 from control_server.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
 from control_server.policy.document import PolicyDoc, default_policy, load_policy_file
@@ -19,6 +19,7 @@ from control_server.service import ControlService, store_policy
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
 from control_server.store import Store, open_store
 from control_server.store.factory import redact_url
+from control_server.tokens import TokenTable
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from control_server import logs
 from control_server.app import ServerConfig, start_server
-from control_server.auth import Role, create_token, load_tokens, revoke_token
+from control_server.auth import Role
 from control_server.domain import Decision, DomainError
 from control_server.policy.document import PolicyDoc, load_policy_file
 from control_server.replay import replay_store
 from control_server.service import PolicyCache
 from control_server.store import open_store
 from control_server.store.factory import redact_url
+from control_server.tokens import create_token, load_tokens, revoke_token
 from trainer_client.client import is_loopback
 
 logger = logging.getLogger("control_server")

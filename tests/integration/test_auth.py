@@ -18,9 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from control_server.audit import AuditInterceptor
-from control_server.auth import AuthInterceptor, Role, TokenTable, create_token
+from control_server.auth import AuthInterceptor, Role
 from control_server.identity import current_actor
 from control_server.store import open_store
+from control_server.tokens import TokenTable, create_token
 from tests.conftest import REPO, ServerProcess, ServerThread, report
 from tests.integration.test_readme_grpcurl import grpcurl_binary
 from trainer_client.api import control_pb2 as pb

@@ -20,9 +20,10 @@ import grpc
 import pytest
 
 from control_server import ctl
-from control_server.auth import Role, create_token
+from control_server.auth import Role
 from control_server.ctl.render import EXPORT_FIELDS
 from control_server.policy.document import default_policy, parse_policy_yaml
+from control_server.tokens import create_token
 from tests.certs import make_certs
 from tests.conftest import REPO, ServerThread, report
 from tests.integration.test_readme_grpcurl import readme_section

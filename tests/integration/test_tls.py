@@ -12,7 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control_server.auth import Role, create_token
+from control_server.auth import Role
+from control_server.tokens import create_token
 from tests.certs import Certs, make_certs
 from tests.conftest import REPO, ServerProcess, ServerThread, report
 from trainer_client import ClientConfig, ControlClient, ControlUnauthorized, ControlUnavailable

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from control_server.auth import (
+from control_server.auth import Role, _bearer_token, method_roles
+from control_server.tokens import (
     AuthFileError,
-    Role,
     TokenTable,
-    _bearer_token,
     create_token,
     hash_token,
     load_tokens,
-    method_roles,
     revoke_token,
 )
 from trainer_client.api import control_pb2 as pb
@@ -142,7 +140,7 @@ def test_the_table_follows_the_file_and_keeps_the_last_good_one(
     entry = table.lookup(bob)
     assert entry is not None and entry.role is Role.ADMIN
     path.write_text("{ broken")
-    with caplog.at_level(logging.ERROR, logger="control_server.auth"):
+    with caplog.at_level(logging.ERROR, logger="control_server.tokens"):
         assert table.lookup(bob) is not None
     assert "keeping the 1 tokens loaded before" in caplog.text
 
@@ -163,7 +161,7 @@ def test_a_group_writable_file_is_warned_about(
     path = tmp_path / "tokens.json"
     create_token(path, "alice", Role.OPERATOR)
     os.chmod(path, 0o664)
-    with caplog.at_level(logging.WARNING, logger="control_server.auth"):
+    with caplog.at_level(logging.WARNING, logger="control_server.tokens"):
         TokenTable(path)
     assert "writable by group or others" in caplog.text
 
