@@ -1,16 +1,72 @@
-"""Row helpers both backends share: record checks, label and weight columns, and the
-shadow summary's aggregation (the SQL differs by dialect; what is done with the rows
-does not)."""
+"""Rows, written once for both backends: the column lists the queries share, the
+mapping between rows and domain objects, record checks and the shadow summary's
+aggregation.
+
+What differs by dialect is how a value is stored (a timestamp, a float, a flag, a
+string); `codec` builds the mappers around those few conversions, once per backend.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from types import MappingProxyType
+from typing import Any
 
-from control_server.domain import DecisionRecord, RunLabels, ShadowSummary, frozen_map
+from control_server.domain import (
+    Action,
+    Decision,
+    DecisionRecord,
+    Override,
+    PolicyPin,
+    PolicyVersion,
+    Report,
+    RunContext,
+    RunLabels,
+    RunSelector,
+    RunSummary,
+    ShadowSummary,
+    Source,
+    frozen_map,
+)
 
 _JSON = json.JSONEncoder(sort_keys=True)
+
+# Column lists shared by the queries and the row mappers (order matters).
+LABELS = "dataset, configuration, fold, trainer, plans, host"
+#: Also the columns of shadow_decisions.
+DECISION = (
+    "decision_id, run_id, epoch, action, source, reason, policy_version, decided_at, "
+    "lr, loss_weights, intervention_index, override_id, previous_epoch"
+)
+REPORT = (
+    "run_id, epoch, train_loss, val_loss, pseudo_dice, avg_gradient_norm, "
+    f"intervention_count, current_lr, initial_lr, loss_weights, {LABELS}"
+)
+RUN = (
+    f"run_id, {LABELS}, first_seen, last_seen, last_epoch, report_count, "
+    "intervention_count, current_lr"
+)
+OVERRIDE = "id, run_id, actor, reason, lr, weights, hold, once, created_at, cleared_at, cleared_by"
+#: The columns a new override is inserted with (the rest are the database's).
+NEW_OVERRIDE = "run_id, actor, reason, lr, weights, hold, once, created_at"
+PIN = "dataset, configuration, fold, version, pinned_at, actor"
+POLICY = "version, name, document, created_at"
+N_DECISION = 13
+N_REPORT = 16
+N_RUN = 13
+#: A run's summary fields that follow its newest epoch (a late, older report leaves them).
+FOLLOW_NEWEST = (*LABELS.split(", "), "intervention_count", "current_lr")
+
+
+def names(columns: str) -> list[str]:
+    return [c.strip() for c in columns.split(",")]
+
+
+def qualified(alias: str, columns: str) -> str:
+    return ", ".join(f"{alias}.{c}" for c in names(columns))
 
 
 def check_record(record: DecisionRecord) -> None:
@@ -60,4 +116,243 @@ def shadow_summary_from(version: str, rows: Iterable[tuple[str, str, bool, int]]
             by_transition[key] = by_transition.get(key, 0) + n
     return ShadowSummary(
         version, evaluated, differed, MappingProxyType(dict(sorted(by_transition.items())))
+    )
+
+
+Row = Sequence[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """One dialect's row mappers (see `codec`) and the conversions they are made of."""
+
+    #: A timestamp as the dialect stores it (naive = UTC).
+    time: Callable[[datetime], Any]
+    #: A stored timestamp, back as an aware datetime.
+    dt: Callable[[Any], datetime]
+    #: A float (or None) as the dialect stores it.
+    real: Callable[[float | None], Any]
+    #: A string as the dialect can store it.
+    text: Callable[[str], str]
+    #: A boolean as the dialect stores it.
+    flag: Callable[[bool], Any]
+    #: (decision, its time as `time` made it) -> the DECISION columns.
+    decision_row: Callable[[Decision, Any], tuple[Any, ...]]
+    decision_from: Callable[[Row], Decision]
+    report_row: Callable[[Report], tuple[Any, ...]]
+    report_from: Callable[[Row], Report]
+    #: (a run's report, the time it was seen as `time` made it) -> the RUN columns.
+    run_row: Callable[[Report, Any], tuple[Any, ...]]
+    #: RUN columns, then the DECISION columns of its latest decision (NULLs: none).
+    summary_from: Callable[[Row], RunSummary]
+    #: (override, its created_at as `time` made it) -> the NEW_OVERRIDE columns.
+    override_row: Callable[[Override, Any], tuple[Any, ...]]
+    override_from: Callable[[Row], Override]
+    pin_from: Callable[[Row], PolicyPin]
+    policy_from: Callable[[Row], PolicyVersion]
+    #: (rows of one context read, the epoch, where its columns start) -> the context.
+    context_from: Callable[[Sequence[Row], int, int], RunContext]
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def codec(
+    *,
+    time: Callable[[datetime], Any],
+    dt: Callable[[Any], datetime],
+    real: Callable[[float | None], Any] = _same,
+    number: Callable[[Any], Any] = _same,
+    text: Callable[[str], str] = _same,
+    flag: Callable[[bool], Any] = _same,
+) -> Codec:
+    """The row mappers of a dialect that stores values through these conversions
+    (`number` reads back a float that `real` stored; the default: as it is)."""
+
+    def opt_number(value: Any) -> float | None:
+        return None if value is None else number(value)
+
+    def decision_row(d: Decision, decided_at: Any) -> tuple[Any, ...]:
+        return (
+            d.decision_id,
+            d.run_id,
+            d.epoch,
+            d.action.value,
+            d.source.value,
+            d.reason,
+            d.policy_version,
+            decided_at,
+            real(d.lr),
+            dump_weights(d.loss_weights),
+            d.intervention_index,
+            d.override_id,
+            d.previous_epoch,
+        )
+
+    def decision_from(row: Row) -> Decision:
+        return Decision(
+            decision_id=row[0],
+            run_id=row[1],
+            epoch=row[2],
+            action=Action(row[3]),
+            source=Source(row[4]),
+            reason=row[5],
+            policy_version=row[6],
+            decided_at=dt(row[7]),
+            lr=opt_number(row[8]),
+            loss_weights=load_weights(row[9]),
+            intervention_index=row[10],
+            override_id=row[11],
+            previous_epoch=row[12],
+        )
+
+    def report_row(r: Report) -> tuple[Any, ...]:
+        return (
+            r.run_id,
+            r.epoch,
+            real(r.train_loss),
+            real(r.val_loss),
+            real(r.pseudo_dice),
+            real(r.avg_gradient_norm),
+            r.intervention_count,
+            real(r.current_lr),
+            real(r.initial_lr),
+            dump_weights(r.loss_weights),
+            *labels_row(r.labels),
+        )
+
+    def report_from(row: Row) -> Report:
+        return Report(
+            run_id=row[0],
+            epoch=row[1],
+            train_loss=number(row[2]),
+            val_loss=opt_number(row[3]),
+            pseudo_dice=opt_number(row[4]),
+            avg_gradient_norm=opt_number(row[5]),
+            intervention_count=row[6],
+            current_lr=number(row[7]),
+            initial_lr=number(row[8]),
+            loss_weights=load_weights(row[9]),
+            labels=RunLabels(*row[10:16]),
+        )
+
+    def run_row(report: Report, seen: Any) -> tuple[Any, ...]:
+        return (
+            report.run_id,
+            *labels_row(report.labels),
+            seen,
+            seen,
+            report.epoch,
+            1,
+            report.intervention_count,
+            real(report.current_lr),
+        )
+
+    def summary_from(row: Row) -> RunSummary:
+        last = row[N_RUN:]
+        return RunSummary(
+            run_id=row[0],
+            labels=RunLabels(*row[1:7]),
+            first_seen=dt(row[7]),
+            last_seen=dt(row[8]),
+            last_epoch=row[9],
+            report_count=row[10],
+            intervention_count=row[11],
+            current_lr=number(row[12]),
+            last_decision=decision_from(last) if last[0] is not None else None,
+        )
+
+    def override_row(o: Override, created_at: Any) -> tuple[Any, ...]:
+        return (
+            o.run_id,
+            o.actor,
+            o.reason,
+            real(o.lr),
+            dump_weights(o.loss_weights),
+            flag(o.hold_interventions),
+            flag(o.once),
+            created_at,
+        )
+
+    def override_from(row: Row) -> Override:
+        return Override(
+            override_id=row[0],
+            run_id=row[1],
+            actor=row[2],
+            reason=row[3],
+            lr=opt_number(row[4]),
+            loss_weights=load_weights(row[5]),
+            hold_interventions=bool(row[6]),
+            once=bool(row[7]),
+            created_at=dt(row[8]),
+            cleared_at=None if row[9] is None else dt(row[9]),
+            cleared_by=row[10],
+        )
+
+    def pin_from(row: Row) -> PolicyPin:
+        return PolicyPin(
+            selector=RunSelector(dataset=row[0], configuration=row[1], fold=row[2]),
+            version=row[3],
+            pinned_at=dt(row[4]),
+            actor=row[5],
+        )
+
+    def policy_from(row: Row) -> PolicyVersion:
+        return PolicyVersion(
+            version=row[0], name=row[1], document=json.loads(row[2]), created_at=dt(row[3])
+        )
+
+    n_head = 3 + len(names(OVERRIDE))
+
+    def context_from(rows: Sequence[Row], epoch: int, start: int) -> RunContext:
+        """From `start` on, each row holds the active, shadow and pinned versions, the
+        OVERRIDE columns of the run's active override, then the DECISION columns of the
+        decision at `epoch` or the latest before it, its state, and the shadow version
+        and state stored beside it: 1 or 2 rows, newest first (NULLs: none)."""
+        head = rows[0]
+        active, shadow, pinned = head[start], head[start + 1], head[start + 2]
+        override = override_from(head[start + 3 :]) if head[start + 3] is not None else None
+        first = start + n_head
+        decisions = [row[first:] for row in rows if row[first] is not None]
+        existing: Decision | None = None
+        if decisions and decisions[0][2] == epoch:
+            existing = decision_from(decisions[0])
+            decisions = decisions[1:]
+        previous_epoch: int | None = None
+        previous_state: str | None = None
+        previous_shadow_state: str | None = None
+        if decisions:
+            previous_epoch = decisions[0][2]
+            previous_state = decisions[0][N_DECISION]
+            if shadow is not None and decisions[0][N_DECISION + 1] == shadow:
+                previous_shadow_state = decisions[0][N_DECISION + 2]
+        return RunContext(
+            existing=existing,
+            previous_state=previous_state,
+            previous_epoch=previous_epoch,
+            active_policy=active,
+            override=override,
+            pinned_policy=pinned,
+            shadow_policy=shadow,
+            previous_shadow_state=previous_shadow_state,
+        )
+
+    return Codec(
+        time=time,
+        dt=dt,
+        real=real,
+        text=text,
+        flag=flag,
+        decision_row=decision_row,
+        decision_from=decision_from,
+        report_row=report_row,
+        report_from=report_from,
+        run_row=run_row,
+        summary_from=summary_from,
+        override_row=override_row,
+        override_from=override_from,
+        pin_from=pin_from,
+        policy_from=policy_from,
+        context_from=context_from,
     )

@@ -1,0 +1,455 @@
+"""`SqlStore`: every store method whose SQL both dialects share, written once.
+
+A backend supplies the dialect: how a value is stored (its `codec`), a few column
+and keyword spellings, and three ways into the database, each a context manager
+that yields a session taking `?` placeholders: `_reading` (one statement),
+`_snapshot` (several statements, one snapshot) and `_writing` (a write
+transaction; the runs and the activation it must serialise with are named, for a
+backend that locks them). What stays in a backend is its own: connections,
+transactions, locking, the batched hot path (record_decisions, load_context),
+error diagnosis and its database's checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from control_server.domain import (
+    Decision,
+    DecisionFilter,
+    NotFound,
+    Override,
+    PolicyPin,
+    PolicyVersion,
+    Report,
+    RunFilter,
+    RunSelector,
+    RunSummary,
+    ShadowSummary,
+)
+from control_server.store.base import Store
+from control_server.store.rows import (
+    DECISION,
+    N_REPORT,
+    NEW_OVERRIDE,
+    OVERRIDE,
+    PIN,
+    POLICY,
+    REPORT,
+    RUN,
+    Codec,
+    qualified,
+    shadow_summary_from,
+)
+from control_server.store.schema import check_level
+
+logger = logging.getLogger(__name__)
+
+SELECT_RUNS = (
+    f"SELECT {qualified('r', RUN)}, {qualified('d', DECISION)} FROM runs AS r "
+    "LEFT JOIN decisions AS d ON d.run_id = r.run_id AND d.epoch = r.last_epoch"
+)
+_SELECT_PAIRS = (
+    f"SELECT {qualified('p', REPORT)}, {qualified('d', DECISION)} FROM reports AS p "
+    "JOIN decisions AS d ON d.run_id = p.run_id AND d.epoch = p.epoch "
+    "WHERE p.run_id = ? ORDER BY p.epoch"
+)
+_UPSERT_SINGLETON = (
+    "INSERT INTO {table} (id, version, {at}, actor) VALUES (1, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET version = excluded.version, "
+    "{at} = excluded.{at}, actor = excluded.actor"
+)
+
+
+class Rows(Protocol):
+    """What a session's `execute` returns (a DB-API cursor)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Session(Protocol):
+    """A connection that takes SQL with `?` placeholders."""
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Rows: ...
+
+
+S = TypeVar("S", bound=Session)
+
+
+class SqlStore(Store, Generic[S]):
+    """The shared SQL of `Store`; a subclass supplies the dialect (see the module)."""
+
+    #: How this dialect stores values, and the row mappers built on that.
+    codec: ClassVar[Codec]
+    #: The column that orders rows of one table by insertion (commit order for decisions).
+    seq: ClassVar[str]
+    #: The LIMIT parameter that means no limit.
+    no_limit: ClassVar[int | None]
+    #: The null-safe "differs" operator.
+    distinct: ClassVar[str]
+    #: CREATE TABLE IF NOT EXISTS schema_version (the migration runner's own table).
+    schema_version_table: ClassVar[str]
+
+    # --- the dialect's ways into its database -------------------------------------------
+
+    @abstractmethod
+    def _reading(self) -> AbstractContextManager[S]:
+        """A session for one read statement."""
+
+    def _snapshot(self) -> AbstractContextManager[S]:
+        """A session for several read statements that see one snapshot."""
+        return self._reading()
+
+    @abstractmethod
+    def _writing(
+        self, *, runs: Sequence[str] = (), activation: bool = False
+    ) -> AbstractContextManager[S]:
+        """A session in a write transaction, serialised with other writers of the
+        overrides of `runs` and, with `activation`, with other activations."""
+
+    @abstractmethod
+    def _insert_returning(
+        self, s: S, sql: str, params: Sequence[Any], table: str, columns: str
+    ) -> Any:
+        """Run `sql`, a one-row INSERT INTO `table`, and return `columns` of that row."""
+
+    @abstractmethod
+    def _read_level(self, s: S) -> int:
+        """The migration level of the database (0: none applied, no schema_version)."""
+
+    @abstractmethod
+    def _exclusive(self, s: S) -> AbstractContextManager[None]:
+        """A transaction on `s` that no other process migrating the database shares."""
+
+    @abstractmethod
+    def _apply(self, s: S, script: str) -> None:
+        """Run a migration script (several statements) inside the open transaction."""
+
+    # --- migrations ---------------------------------------------------------------------
+
+    def _migrate(self, s: S, migrations: list[tuple[str, str]]) -> int:
+        """Apply the migrations the database lacks, one transaction each; return the level."""
+        known = len(migrations)
+        level = self._read_level(s)
+        while True:
+            check_level(level, known)
+            if level == known:
+                return level
+            with self._exclusive(s):
+                # Another process may have migrated meanwhile: decide under its lock.
+                s.execute(self.schema_version_table)
+                level = self._read_level(s)
+                if level < known:
+                    name, sql = migrations[level]
+                    self._apply(s, sql)
+                    level += 1
+                    s.execute(
+                        "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                        (level, name, self.codec.time(datetime.now(UTC))),
+                    )
+                    logger.info("applied migration %s", name)
+
+    def schema_version(self) -> int:
+        with self._reading() as s:
+            return self._read_level(s)
+
+    # --- decisions ----------------------------------------------------------------------
+
+    def _decision_where(self, f: DecisionFilter) -> tuple[list[str], list[Any]]:
+        """SQL conditions (and their parameters) of a decision filter, limit aside."""
+        time = self.codec.time
+        where: list[str] = []
+        params: list[Any] = []
+        for condition, value in (
+            ("run_id = ?", f.run_id or None),
+            ("action = ?", f.action.value if f.action is not None else None),
+            ("source = ?", f.source.value if f.source is not None else None),
+            ("decided_at >= ?", time(f.since) if f.since is not None else None),
+            ("decided_at < ?", time(f.until) if f.until is not None else None),
+        ):
+            if value is not None:
+                where.append(condition)
+                params.append(value)
+        return where, params
+
+    def latest_decision_seq(self) -> int:
+        with self._reading() as s:
+            row = s.execute(f"SELECT coalesce(max({self.seq}), 0) FROM decisions").fetchone()
+        return int(row[0])
+
+    def list_decisions(self, decision_filter: DecisionFilter) -> list[Decision]:
+        where, params = self._decision_where(decision_filter)
+        sql = f"SELECT {DECISION} FROM decisions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY decided_at, {self.seq} LIMIT ?"
+        limit = decision_filter.limit if decision_filter.limit > 0 else self.no_limit
+        with self._reading() as s:
+            rows = s.execute(sql, (*params, limit)).fetchall()
+        return [self.codec.decision_from(r) for r in rows]
+
+    def shadow_decisions(self, run_id: str) -> list[Decision]:
+        with self._reading() as s:
+            rows = s.execute(
+                f"SELECT {DECISION} FROM shadow_decisions WHERE run_id = ? ORDER BY epoch",
+                (run_id,),
+            ).fetchall()
+        return [self.codec.decision_from(r) for r in rows]
+
+    def shadow_summary(self, version: str) -> ShadowSummary:
+        differs = self.distinct
+        with self._reading() as s:
+            rows = s.execute(
+                "SELECT d.action, s.action, (s.action <> d.action "
+                f"OR s.lr {differs} d.lr OR s.loss_weights <> d.loss_weights), "
+                "count(*) FROM shadow_decisions AS s JOIN decisions AS d "
+                "ON d.run_id = s.run_id AND d.epoch = s.epoch "
+                "WHERE s.policy_version = ? GROUP BY 1, 2, 3",
+                (version,),
+            ).fetchall()
+        return shadow_summary_from(version, rows)
+
+    # --- overrides ----------------------------------------------------------------------
+
+    def set_override(self, override: Override) -> Override:
+        if override.created_at is None:
+            raise ValueError("set_override needs an override with created_at set")
+        created_at = self.codec.time(override.created_at)
+        with self._writing(runs=[override.run_id]) as s:
+            row = self._insert_returning(
+                s,
+                f"INSERT INTO overrides ({NEW_OVERRIDE}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self.codec.override_row(override, created_at),
+                "overrides",
+                OVERRIDE,
+            )
+            new_id = row[0]
+            s.execute(
+                "UPDATE overrides SET cleared_at = ?, cleared_by = ? "
+                "WHERE run_id = ? AND cleared_at IS NULL AND id <> ?",
+                (created_at, f"replaced by override {new_id}", override.run_id, new_id),
+            )
+        return self.codec.override_from(row)
+
+    def list_overrides(self, run_id: str = "", *, include_cleared: bool = False) -> list[Override]:
+        where: list[str] = []
+        params: list[Any] = []
+        if run_id:
+            where.append("run_id = ?")
+            params.append(run_id)
+        if not include_cleared:
+            where.append("cleared_at IS NULL")
+        sql = f"SELECT {OVERRIDE} FROM overrides"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._reading() as s:
+            rows = s.execute(sql + " ORDER BY id", params).fetchall()
+        return [self.codec.override_from(r) for r in rows]
+
+    # --- policies -----------------------------------------------------------------------
+
+    def _require_policy(self, s: S, version: str) -> None:
+        if s.execute("SELECT 1 FROM policies WHERE version = ?", (version,)).fetchone() is None:
+            raise NotFound(f"policy version {version!r} is not stored")
+
+    def put_policy(self, policy: PolicyVersion) -> PolicyVersion:
+        with self._writing() as s:
+            s.execute(
+                f"INSERT INTO policies ({POLICY}) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (version) DO NOTHING",
+                (
+                    policy.version,
+                    self.codec.text(policy.name),
+                    json.dumps(policy.document, sort_keys=True),
+                    self.codec.time(policy.created_at),
+                ),
+            )
+            # A new statement: sees a concurrent writer's insert too.
+            row = s.execute(
+                f"SELECT {POLICY} FROM policies WHERE version = ?", (policy.version,)
+            ).fetchone()
+        return self.codec.policy_from(row)
+
+    def get_policy(self, version: str) -> PolicyVersion | None:
+        with self._reading() as s:
+            row = s.execute(
+                f"SELECT {POLICY} FROM policies WHERE version = ?", (version,)
+            ).fetchone()
+        return self.codec.policy_from(row) if row is not None else None
+
+    def list_policies(self) -> list[PolicyVersion]:
+        with self._reading() as s:
+            rows = s.execute(
+                f"SELECT {POLICY} FROM policies ORDER BY created_at, {self.seq}"
+            ).fetchall()
+        return [self.codec.policy_from(row) for row in rows]
+
+    def activate_policy(self, version: str, actor: str) -> None:
+        now = self.codec.time(datetime.now(UTC))
+        # One activation at a time, so that each event names the true previous one.
+        with self._writing(activation=True) as s:
+            self._require_policy(s, version)
+            row = s.execute("SELECT version FROM active_policy WHERE id = 1").fetchone()
+            s.execute(
+                _UPSERT_SINGLETON.format(table="active_policy", at="activated_at"),
+                (version, now, actor),
+            )
+            self._insert_admin_event(
+                s,
+                now,
+                actor,
+                "PolicyActivated",
+                version,
+                {"previous": row[0] if row else None},
+                "OK",
+            )
+
+    def active_policy(self) -> str | None:
+        with self._reading() as s:
+            row = s.execute("SELECT version FROM active_policy WHERE id = 1").fetchone()
+        return str(row[0]) if row is not None else None
+
+    def set_shadow_policy(self, version: str | None, actor: str, at: datetime) -> None:
+        with self._writing() as s:
+            if version is None:
+                s.execute("DELETE FROM shadow_policy")
+                return
+            self._require_policy(s, version)
+            s.execute(
+                _UPSERT_SINGLETON.format(table="shadow_policy", at="set_at"),
+                (version, self.codec.time(at), actor),
+            )
+
+    def shadow_policy(self) -> str | None:
+        with self._reading() as s:
+            row = s.execute("SELECT version FROM shadow_policy WHERE id = 1").fetchone()
+        return str(row[0]) if row is not None else None
+
+    def pin_policy(self, pin: PolicyPin) -> PolicyPin:
+        sel = pin.selector
+        key = (sel.dataset, sel.configuration, sel.fold)
+        with self._writing() as s:
+            self._require_policy(s, pin.version)
+            s.execute(
+                f"INSERT INTO policy_pins ({PIN}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (dataset, configuration, fold) DO UPDATE SET "
+                "version = excluded.version, pinned_at = excluded.pinned_at, "
+                "actor = excluded.actor",
+                (*key, pin.version, self.codec.time(pin.pinned_at), pin.actor),
+            )
+            row = s.execute(
+                f"SELECT {PIN} FROM policy_pins "
+                "WHERE dataset = ? AND configuration = ? AND fold = ?",
+                key,
+            ).fetchone()
+        return self.codec.pin_from(row)
+
+    def unpin_policy(self, selector: RunSelector) -> bool:
+        with self._writing() as s:
+            cursor = s.execute(
+                "DELETE FROM policy_pins WHERE dataset = ? AND configuration = ? AND fold = ?",
+                (selector.dataset, selector.configuration, selector.fold),
+            )
+            return cursor.rowcount == 1
+
+    def list_pins(self) -> list[PolicyPin]:
+        with self._reading() as s:
+            rows = s.execute(f"SELECT {PIN} FROM policy_pins ORDER BY pinned_at, id").fetchall()
+        return [self.codec.pin_from(r) for r in rows]
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def list_runs(self, run_filter: RunFilter) -> list[RunSummary]:
+        """Runs matching the filter, most recently active first; limit <= 0 means no limit."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column in ("dataset", "configuration", "fold"):
+            value = getattr(run_filter, column)
+            if value:
+                where.append(f"r.{column} = ?")
+                params.append(value)
+        sql = SELECT_RUNS
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY r.last_seen DESC, r.run_id LIMIT ?"
+        params.append(run_filter.limit if run_filter.limit > 0 else self.no_limit)
+        with self._reading() as s:
+            rows = s.execute(sql, params).fetchall()
+        return [self.codec.summary_from(row) for row in rows]
+
+    def get_run(self, run_id: str) -> tuple[RunSummary, list[tuple[Report, Decision]]] | None:
+        with self._snapshot() as s:
+            row = s.execute(SELECT_RUNS + " WHERE r.run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                return None
+            pairs = s.execute(_SELECT_PAIRS, (run_id,)).fetchall()
+        c = self.codec
+        return c.summary_from(row), [
+            (c.report_from(p[:N_REPORT]), c.decision_from(p[N_REPORT:])) for p in pairs
+        ]
+
+    def run_ids(self) -> list[str]:
+        with self._reading() as s:
+            rows = s.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall()
+        return [str(row[0]) for row in rows]
+
+    # --- audit --------------------------------------------------------------------------
+
+    def _insert_admin_event(
+        self,
+        s: S,
+        at: Any,
+        actor: str,
+        action: str,
+        target: str,
+        details: dict[str, Any],
+        result: str,
+    ) -> None:
+        text = self.codec.text
+        s.execute(
+            "INSERT INTO admin_events (at, actor, action, target, details, result) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                at,
+                text(actor),
+                text(action),
+                text(target),
+                json.dumps(details, sort_keys=True, default=str),
+                text(result),
+            ),
+        )
+
+    def record_admin_event(
+        self, actor: str, action: str, target: str, details: dict[str, Any], result: str
+    ) -> None:
+        now = self.codec.time(datetime.now(UTC))
+        with self._writing() as s:
+            self._insert_admin_event(s, now, actor, action, target, details, result)
+
+    def admin_events(self) -> list[dict[str, Any]]:
+        with self._reading() as s:
+            rows = s.execute(
+                "SELECT at, actor, action, target, details, result FROM admin_events ORDER BY id"
+            ).fetchall()
+        return [
+            {
+                "at": self.codec.dt(at),
+                "actor": actor,
+                "action": action,
+                "target": target,
+                "details": json.loads(details),
+                "result": result,
+            }
+            for at, actor, action, target, details, result in rows
+        ]
