@@ -11,7 +11,6 @@ nor are health checks and reflection.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from google.protobuf import json_format, message_factory, text_format
 from google.protobuf.message import DecodeError, Message
 
 from control_server.identity import current_actor
+from control_server.interceptors import Stream, Unary, wrap_handler
 from control_server.store import Store
 from trainer_client.api import control_pb2 as pb
 
@@ -35,6 +35,8 @@ _ADMIN = pb.DESCRIPTOR.services_by_name["ControlAdmin"]
 #: Request JSON longer than this is cut (policy documents can be large).
 MAX_REQUEST_CHARS = 4096
 _TARGET_FIELDS = ("run_id", "version")
+#: Records one call: (request, context or None, began, error, actor, peer).
+_Record = Callable[[Any, Any, float, BaseException | None, str, str], None]
 
 
 def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
@@ -93,9 +95,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._event(action, request_type, request, context, began, error, actor, peer)
             )
 
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
-
+        def audited(unary: Unary) -> Unary:
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 began, error, peer = time.monotonic(), None, context.peer()
                 try:
@@ -116,10 +116,14 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         )
                     )
 
-            return handler._replace(unary_unary=unary_unary)
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_audited_stream(handler.unary_stream, record))
-        return handler
+            return unary_unary
+
+        return wrap_handler(
+            handler,
+            audited,
+            lambda stream: _audited_generator(stream, record),
+            write_stream=lambda stream: _audited_writer(stream, record),
+        )
 
     def _write(self, write: Callable[[], None]) -> asyncio.Future[None]:
         """Queue one record's store write on the writer thread."""
@@ -204,33 +208,33 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return {"truncated": text[: self._max], "chars": len(text)}
 
 
-def _audited_stream(
-    stream: Callable[..., Any],
-    record: Callable[[Any, Any, float, BaseException | None, str, str], None],
-) -> Callable[..., Any]:
-    # grpc tells its two server-streaming styles apart by the function's kind: keep it.
-    if inspect.isasyncgenfunction(stream):
+def _audited_generator(stream: Stream, record: _Record) -> Stream:
+    """A yielding unary-stream behavior, recorded once it ends."""
 
-        async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            began, error, actor, peer = time.monotonic(), None, None, context.peer()
-            live: grpc.aio.ServicerContext | None = context
-            try:
-                async for response in stream(request, context):
-                    actor = current_actor()
-                    yield response
-            except BaseException as exc:
-                error = exc
-                if isinstance(exc, GeneratorExit | asyncio.CancelledError):
-                    # Abandoned by the client (closed later, from another task): its
-                    # context is gone, and so is this task's actor; use what was read.
-                    live = None
-                else:
-                    actor = current_actor()
-                raise
-            finally:
-                record(request, live, began, error, actor or current_actor(), peer)
+    async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        began, error, actor, peer = time.monotonic(), None, None, context.peer()
+        live: grpc.aio.ServicerContext | None = context
+        try:
+            async for response in stream(request, context):
+                actor = current_actor()
+                yield response
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                # Abandoned by the client (closed later, from another task): its
+                # context is gone, and so is this task's actor; use what was read.
+                live = None
+            else:
+                actor = current_actor()
+            raise
+        finally:
+            record(request, live, began, error, actor or current_actor(), peer)
 
-        return generate
+    return generate
+
+
+def _audited_writer(stream: Unary, record: _Record) -> Unary:
+    """A unary-stream behavior writing with ``context.write``, recorded once it ends."""
 
     async def write(request: Any, context: grpc.aio.ServicerContext) -> Any:
         began, error, peer = time.monotonic(), None, context.peer()

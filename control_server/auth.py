@@ -11,7 +11,6 @@ Health checks and server reflection need no token.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from enum import StrEnum
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from control_server.identity import ACTOR
+from control_server.interceptors import Stream, Unary, wrap_handler
 from trainer_client.api import control_pb2 as pb
 
 if TYPE_CHECKING:
@@ -132,36 +132,26 @@ def _with_actor(handler: grpc.RpcMethodHandler, actor: str) -> grpc.RpcMethodHan
     Not reset afterwards: each RPC runs in its own task, whose context ends with
     it, and interceptors outside this one (audit) read it once the call returns.
     """
-    if handler.unary_unary is not None:
-        unary = handler.unary_unary
+    if handler.unary_unary is None and handler.unary_stream is None:
+        # No client-streaming RPC is role-checked (reflection is open): refuse to guess.
+        raise TypeError("client-streaming handlers are not supported behind authentication")
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def unary(behavior: Unary) -> Unary:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             ACTOR.set(actor)
-            return await unary(request, context)
+            return await behavior(request, context)
 
-        return handler._replace(unary_unary=unary_unary)
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=_stream_with_actor(handler.unary_stream, actor))
-    # No client-streaming RPC is role-checked (reflection is open): refuse to guess.
-    raise TypeError("client-streaming handlers are not supported behind authentication")
+        return run
 
-
-def _stream_with_actor(stream: Callable[..., Any], actor: str) -> Callable[..., Any]:
-    # grpc tells its two server-streaming styles apart by the function's kind: keep it.
-    if inspect.isasyncgenfunction(stream):
-
+    def stream(behavior: Stream) -> Stream:
         async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             ACTOR.set(actor)
-            async for response in stream(request, context):
+            async for response in behavior(request, context):
                 yield response
 
         return generate
 
-    async def write(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        ACTOR.set(actor)
-        return await stream(request, context)
-
-    return write
+    return wrap_handler(handler, unary, stream)
 
 
 def _bearer_token(metadata: Sequence[Any] | None) -> str | None:

@@ -8,7 +8,6 @@ may live in one process, as in the tests).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from control_server.interceptors import Stream, Unary, wrap_handler
 from trainer_client.api import control_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -205,9 +205,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 counter = handled[code] = m.handled.labels(*labels, code)
             counter.inc()
 
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
+        def unary(inner: Unary) -> Unary:
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started.inc()
                 received.inc()
@@ -224,37 +222,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 done(context, began)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return unary_unary
 
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            if not inspect.isasyncgenfunction(inner_stream):
-                # Handlers that write with context.write (health's Watch): time them only.
-                async def write_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    started.inc()
-                    received.inc()
-                    began, outcome = time.perf_counter(), "Unknown"
-                    try:
-                        result = await inner_stream(request, context)
-                        outcome = "OK"
-                        return result
-                    except asyncio.CancelledError:
-                        outcome = "Canceled"
-                        raise
-                    finally:
-                        done(context, began, outcome)
-
-                return grpc.unary_stream_rpc_method_handler(
-                    write_stream,
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-
+        def stream(inner: Stream) -> Stream:
             async def unary_stream(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
@@ -262,7 +232,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 received.inc()
                 began, outcome = time.perf_counter(), "Unknown"
                 try:
-                    async for response in inner_stream(request, context):
+                    async for response in inner(request, context):
                         sent.inc()
                         yield response
                     outcome = "OK"
@@ -272,11 +242,25 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     done(context, began, outcome)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return unary_stream
 
-        # Client and bidi streams (reflection): counted as started/handled only.
-        return handler
+        def write_stream(inner: Unary) -> Unary:
+            # Handlers that write with context.write (health's Watch): time them only.
+            async def written(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started.inc()
+                received.inc()
+                began, outcome = time.perf_counter(), "Unknown"
+                try:
+                    result = await inner(request, context)
+                    outcome = "OK"
+                    return result
+                except asyncio.CancelledError:
+                    outcome = "Canceled"
+                    raise
+                finally:
+                    done(context, began, outcome)
+
+            return written
+
+        # Client and bidi streams (reflection) come back unwrapped: not counted.
+        return wrap_handler(handler, unary, stream, write_stream=write_stream)
