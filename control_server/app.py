@@ -1,4 +1,4 @@
-"""Composition root: build the store, the service and the gRPC server; start it."""
+"""Composition root: build the store, the decider, the use cases and the gRPC server; start it."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_server.admin import AdminService, store_policy
 from control_server.audit import AuditInterceptor
 from control_server.auth import AuthInterceptor
 from control_server.decider import Decider
 from control_server.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
 from control_server.policy.document import PolicyDoc, default_policy, load_policy_file
-from control_server.service import ControlService, store_policy
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
 from control_server.store import Store, open_store
 from control_server.store.factory import redact_url
 from control_server.tokens import TokenTable
+from control_server.watch import Watches
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
@@ -72,7 +73,9 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    service: ControlService
+    admin: AdminService
+    #: The open WatchDecisions streams.
+    watches: Watches
     #: The child process that decides and records every ReportEpoch.
     decider: Decider
     store: Store
@@ -88,7 +91,7 @@ class RunningServer:
     async def stop(self) -> None:
         """Refuse new calls, let in-flight ones finish, commit what is queued, close."""
         await self.health.enter_graceful_shutdown()
-        self.service.close()  # ends WatchDecisions streams, which would hold stop() for grace_s
+        self.watches.close()  # ends WatchDecisions streams, which would hold stop() for grace_s
         await self.server.stop(self.grace_s)
         await self.audit.close()
         await self.decider.close()
@@ -146,7 +149,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         store.close()
         raise
     metrics = Metrics()
-    service = ControlService(store)
+    admin = AdminService(store)
+    watches = Watches(store)
     try:
         decider = await Decider.start(config.store_url, observer=metrics.observe_commit)
     except BaseException:
@@ -166,8 +170,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    TrainingControlServicer(decider, service, metrics.count_decision).add_to_server(server)
-    pb_grpc.add_ControlAdminServicer_to_server(ControlAdminServicer(service), server)
+    TrainingControlServicer(decider, watches, metrics.count_decision).add_to_server(server)
+    pb_grpc.add_ControlAdminServicer_to_server(ControlAdminServicer(admin, watches), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
@@ -196,7 +200,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
     return RunningServer(
         server,
         port,
-        service,
+        admin,
+        watches,
         decider,
         store,
         health_servicer,

@@ -16,7 +16,7 @@ from control_server.auth import Role
 from control_server.domain import Decision, DomainError
 from control_server.policy.document import PolicyDoc, load_policy_file
 from control_server.replay import replay_store
-from control_server.service import PolicyCache
+from control_server.report_epoch import PolicyCache
 from control_server.store import open_store
 from control_server.store.factory import redact_url
 from control_server.tokens import create_token, load_tokens, revoke_token

@@ -12,7 +12,6 @@ from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from control_server.domain import (
-    LOSS_COMPONENTS,
     Action,
     Decision,
     DecisionFilter,
@@ -32,6 +31,7 @@ from control_server.domain import (
 )
 from control_server.policy.document import integer_fields
 from trainer_client.api import control_pb2 as pb
+from trainer_client.vocabulary import LABEL_KEYS, LossWeightError, check_loss_weights
 
 MAX_ID_LENGTH = 256
 MAX_REASON_LENGTH = 1024
@@ -67,26 +67,15 @@ def _check_number(value: float, field: str, *, positive: bool = False) -> float:
 
 
 def weights_from_proto(weights: Mapping[str, float], field: str) -> Mapping[str, float]:
-    """Validate a loss weight map: known components, finite weights >= 0."""
-    for component, weight in weights.items():
-        if component not in LOSS_COMPONENTS:
-            raise InvalidArgument(
-                f"{field}[{component!r}]",
-                f"unknown loss component; expected one of {', '.join(LOSS_COMPONENTS)}",
-            )
-        _check_number(weight, f"{field}[{component!r}]")
-    return frozen_map(weights)
+    """Validate a loss weight map: known components, finite weights >= 0 (all 0 allowed)."""
+    try:
+        return frozen_map(check_loss_weights(weights, allow_all_zero=True))
+    except LossWeightError as exc:
+        raise InvalidArgument(f"{field}[{exc.component!r}]", exc.problem) from None
 
 
 def labels_from_proto(msg: pb.RunLabels) -> RunLabels:
-    return RunLabels(
-        dataset=_check_text(msg.dataset, "labels.dataset"),
-        configuration=_check_text(msg.configuration, "labels.configuration"),
-        fold=_check_text(msg.fold, "labels.fold"),
-        trainer=_check_text(msg.trainer, "labels.trainer"),
-        plans=_check_text(msg.plans, "labels.plans"),
-        host=_check_text(msg.host, "labels.host"),
-    )
+    return RunLabels(**{k: _check_text(getattr(msg, k), f"labels.{k}") for k in LABEL_KEYS})
 
 
 def report_from_proto(msg: pb.EpochReport) -> Report:
@@ -126,14 +115,7 @@ def _timestamp(value: datetime) -> Timestamp:
 
 
 def labels_to_proto(labels: RunLabels) -> pb.RunLabels:
-    return pb.RunLabels(
-        dataset=labels.dataset,
-        configuration=labels.configuration,
-        fold=labels.fold,
-        trainer=labels.trainer,
-        plans=labels.plans,
-        host=labels.host,
-    )
+    return pb.RunLabels(**{k: getattr(labels, k) for k in LABEL_KEYS})
 
 
 def report_to_proto(report: Report) -> pb.EpochReport:

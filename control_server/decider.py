@@ -7,9 +7,10 @@ each decision cost about three times its in-process CPU (measured; README,
 "Performance"). So the front end does transport only: it passes each request's
 raw `EpochReport` bytes to this process over a socket pair and answers with the
 raw `Decision` bytes it gets back. The decider reads whatever requests are
-queued, then parses, validates, decides and records them as ONE transaction
-(group commit: `Store.decide_and_record`), and answers the whole batch with one
-write, after the commit.
+queued, then parses and validates them and runs the ReportEpoch use case
+(control_server/report_epoch.py) on them as ONE transaction (group commit:
+`Store.group_commit`), and answers the whole batch with one write, after the
+commit.
 
 The child opens its own connection to the same store; the front end keeps its
 own for the admin RPCs. The child exits when the socket closes (the server
@@ -22,7 +23,9 @@ Wire format (both ends are this module; little-endian):
 - request: ``id u32, length u32, EpochReport bytes``, back to back;
 - answer, one per batch: ``items u32, rows u32, commit seconds f64``, then per
   item ``id u32, status u8, action u8, source u8, length u32, payload``: the
-  Decision's bytes (status OK) or the error text (the other statuses).
+  status is a gRPC status code's number (`trainer_client.errors.STATUSES`), the
+  payload the Decision's bytes (OK) or, for an error, the name of the invalid
+  field (empty for other errors), a NUL, and the error's text.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from control_server import convert, logs
@@ -46,13 +50,13 @@ from control_server.domain import (
     Decision,
     DomainError,
     InvalidArgument,
-    NotFound,
     Report,
     StoreUnavailable,
 )
-from control_server.service import ControlService
+from control_server.report_epoch import ReportEpoch
 from control_server.store import Store, open_store
 from trainer_client.api import control_pb2 as pb
+from trainer_client.errors import domain_error, status_of
 
 logger = logging.getLogger(__name__)
 
@@ -71,32 +75,11 @@ STOP_TIMEOUT_S = 10.0
 #: Seconds between restarts of a decider that keeps dying.
 RESTART_DELAY_S = 0.5
 
-_OK, _INVALID, _NOT_FOUND, _UNAVAILABLE, _INTERNAL = range(5)
-_STATUS_OF: list[tuple[type[DomainError], int]] = [
-    (InvalidArgument, _INVALID),
-    (NotFound, _NOT_FOUND),
-    (StoreUnavailable, _UNAVAILABLE),
-]
+_OK: int = grpc.StatusCode.OK.value[0]
+_INTERNAL = grpc.StatusCode.INTERNAL
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 #: Told (rows, seconds) after each committed batch (metrics).
 BatchObserver = Callable[[int, float], None]
-
-
-class DeciderError(DomainError):
-    """An error the decider answered for one request, re-raised in the front end."""
-
-
-class _Invalid(InvalidArgument):
-    def __init__(self, text: str) -> None:
-        DomainError.__init__(self, text)
-        self.field = text.split(":", 1)[0]
-
-
-_ERRORS: dict[int, Callable[[str], DomainError]] = {
-    _INVALID: _Invalid,
-    _NOT_FOUND: NotFound,
-    _UNAVAILABLE: StoreUnavailable,
-    _INTERNAL: DeciderError,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +94,7 @@ class Answer:
 # --- the child -----------------------------------------------------------------------
 
 
-def _status(exc: BaseException) -> int:
-    return next((s for kind, s in _STATUS_OF if isinstance(exc, kind)), _INTERNAL)
-
-
-def decide_batch(service: ControlService, items: list[tuple[int, bytes]]) -> bytes:
+def answer_batch(use_case: ReportEpoch, items: list[tuple[int, bytes]]) -> bytes:
     """Decide a batch of (id, EpochReport bytes) in one transaction; the answer frame."""
     outcomes: list[Decision | BaseException | None] = [None] * len(items)
     valid: list[int] = []
@@ -132,7 +111,7 @@ def decide_batch(service: ControlService, items: list[tuple[int, bytes]]) -> byt
     rows = 0
     if reports:
         try:
-            decided: list[Decision | BaseException] = list(service.decide_batch(reports))
+            decided: list[Decision | BaseException] = list(use_case.decide_batch(reports))
             rows = sum(isinstance(d, Decision) for d in decided)
         except StoreUnavailable as exc:
             logger.warning("group commit of %d reports failed: %s", len(reports), exc)
@@ -150,12 +129,15 @@ def decide_batch(service: ControlService, items: list[tuple[int, bytes]]) -> byt
             body = msg.SerializeToString()
             parts.append(_ITEM.pack(request_id, _OK, msg.action, msg.source, len(body)))
         else:
-            status = _INTERNAL if result is None else _status(result)
-            text = "not decided" if result is None else str(result)
-            if status == _INTERNAL:
+            code, field, text = _INTERNAL, "", "not decided"
+            if isinstance(result, InvalidArgument):
+                code, field, text = status_of(result), result.field, result.problem
+            elif result is not None:
+                code, text = status_of(result), str(result)
+            if code == _INTERNAL:
                 text = f"the decision failed: {text}"
-            body = text.encode("utf-8", "replace")
-            parts.append(_ITEM.pack(request_id, status, 0, 0, len(body)))
+            body = f"{field}\0{text}".encode("utf-8", "replace")
+            parts.append(_ITEM.pack(request_id, code.value[0], 0, 0, len(body)))
         parts.append(body)
     return b"".join(parts)
 
@@ -205,7 +187,7 @@ def _split(buffer: bytearray, limit: int) -> list[tuple[int, bytes]]:
 
 def serve(sock: socket.socket, store: Store) -> None:
     """Answer batches until the other end closes the socket."""
-    service = ControlService(store)
+    use_case = ReportEpoch(store)
     buffer = bytearray()
     open_input = True
     previous = 0
@@ -219,7 +201,7 @@ def serve(sock: socket.socket, store: Store) -> None:
         items = _split(buffer, MAX_BATCH)
         previous = len(items)
         if items:
-            sock.sendall(decide_batch(service, items))
+            sock.sendall(answer_batch(use_case, items))
         elif not open_input:
             return
 
@@ -256,7 +238,7 @@ def _log_settings() -> dict[str, str]:
 
 
 class Decider:
-    """The front end's handle on the decider process: `decide()` one request's bytes.
+    """The front end's handle on the decider process: `submit()` one request's bytes.
 
     `batches` and `rows` count what the decider committed. Start with
     `await Decider.start(store_url)`; `await close()` answers every call made so
@@ -313,7 +295,7 @@ class Decider:
         self._proc, self._writer = proc, writer
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
-    async def decide(self, request: bytes) -> Answer:
+    async def submit(self, request: bytes) -> Answer:
         """Decide one serialized EpochReport; raises the DomainError the decider answered."""
         if self._closing:
             raise StoreUnavailable("the server is shutting down")
@@ -375,7 +357,8 @@ class Decider:
                 if status == _OK:
                     future.set_result(Answer(body, action, source))
                 else:
-                    future.set_exception(_ERRORS[status](body.decode("utf-8", "replace")))
+                    field, _, text = body.decode("utf-8", "replace").partition("\0")
+                    future.set_exception(domain_error(_CODES.get(status, _INTERNAL), text, field))
             self.batches += 1
             self.rows += rows
             if self._observer is not None and rows:

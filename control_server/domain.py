@@ -14,11 +14,48 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+# The errors and the words both sides share are defined once, in the light client.
+from trainer_client.vocabulary import (
+    LOSS_COMPONENTS,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    StoreUnavailable,
+)
+
+__all__ = [
+    "LOSS_COMPONENTS",
+    "Action",
+    "Decision",
+    "DecisionFilter",
+    "DecisionPage",
+    "DecisionRecord",
+    "DomainError",
+    "InvalidArgument",
+    "NotFound",
+    "Override",
+    "PolicyCatalog",
+    "PolicyPin",
+    "PolicyVersion",
+    "PolicyView",
+    "Report",
+    "RunContext",
+    "RunDetail",
+    "RunEpoch",
+    "RunFilter",
+    "RunLabels",
+    "RunSelector",
+    "RunSummary",
+    "ShadowSummary",
+    "Source",
+    "StoreUnavailable",
+    "Verdict",
+    "frozen_map",
+    "remember",
+]
+
 K = TypeVar("K")
 V = TypeVar("V")
-
-#: Loss components the trainer knows how to weight (issue 3 implements them).
-LOSS_COMPONENTS: tuple[str, ...] = ("dice", "ce", "focal", "variance")
 
 
 class Action(enum.Enum):
@@ -36,26 +73,6 @@ class Source(enum.Enum):
     POLICY = "POLICY"
     OVERRIDE = "OVERRIDE"
     SAFETY = "SAFETY"
-
-
-class DomainError(Exception):
-    """Base of the errors the service raises; the servicer maps them to codes."""
-
-
-class InvalidArgument(DomainError):
-    """A request field is malformed; `field` names it."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
-class NotFound(DomainError):
-    """The named object does not exist."""
-
-
-class StoreUnavailable(DomainError):
-    """The store cannot be reached or refused the write; nothing was decided."""
 
 
 def remember(memo: dict[K, V], key: K, value: V, limit: int) -> None:

@@ -1,6 +1,8 @@
 """Thin gRPC adapters: decode, call one service function, encode.
 
-Domain errors become status codes here and only here. The caller's identity
+Domain errors end calls with the status codes of the one table
+(`trainer_client.errors.STATUSES`); the decider process answers with codes
+from the same table. The caller's identity
 (for overrides and policy changes) comes from `current_actor()`, which the auth
 interceptor sets for each call.
 """
@@ -15,34 +17,26 @@ from typing import TypeVar
 import grpc
 
 from control_server import convert
+from control_server.admin import AdminService
 from control_server.decider import Decider
-from control_server.domain import (
-    DomainError,
-    InvalidArgument,
-    NotFound,
-    StoreUnavailable,
-)
+from control_server.domain import DomainError
 from control_server.identity import current_actor
-from control_server.service import ControlService
+from control_server.watch import Watches
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
+from trainer_client.errors import status_of
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _TRAINING_CONTROL = pb.DESCRIPTOR.services_by_name["TrainingControl"].full_name
-_CODES: list[tuple[type[DomainError], grpc.StatusCode]] = [
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
-]
 # Error details travel in trailers; a message quoting a huge value must not overflow them.
 _MAX_DETAILS = 1000
 
 
 async def _abort(rpc: str, context: grpc.aio.ServicerContext, exc: DomainError) -> None:
-    code = next((c for kind, c in _CODES if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+    code = status_of(exc)
     details = str(exc)
     if len(details) > _MAX_DETAILS:
         details = details[: _MAX_DETAILS - 3] + "..."
@@ -67,20 +61,20 @@ class TrainingControlServicer:
     def __init__(
         self,
         decider: Decider,
-        service: ControlService,
+        watches: Watches,
         on_decision: Callable[[int, int], None] | None = None,
     ) -> None:
         self._decider = decider
-        self._service = service
+        self._watches = watches
         self._on_decision = on_decision
 
     async def ReportEpoch(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            answer = await self._decider.decide(request)
+            answer = await self._decider.submit(request)
         except DomainError as exc:
             await _abort("ReportEpoch", context, exc)
             raise AssertionError("unreachable: abort raises") from exc
-        self._service.decided()
+        self._watches.notify()
         if self._on_decision is not None:
             self._on_decision(answer.action, answer.source)
         return answer.decision
@@ -94,8 +88,9 @@ class TrainingControlServicer:
 
 
 class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
-    def __init__(self, service: ControlService) -> None:
+    def __init__(self, service: AdminService, watches: Watches) -> None:
         self._service = service
+        self._watches = watches
 
     # --- audit ------------------------------------------------------------------------
 
@@ -129,7 +124,7 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
         self, request: pb.WatchDecisionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Decision]:
         try:
-            watch = self._service.watch_decisions(convert.watch_filter_from_proto(request))
+            watch = self._watches.open(convert.watch_filter_from_proto(request))
         except DomainError as exc:
             await _abort("WatchDecisions", context, exc)
             return

@@ -24,6 +24,7 @@ import grpc
 from trainer_client.api import control_pb2, control_pb2_grpc
 from trainer_client.config import ClientConfig
 from trainer_client.errors import ControlError, ControlProtocolError, from_rpc_error
+from trainer_client.vocabulary import DEFAULT_LOSS_WEIGHTS, LABEL_KEYS
 
 __all__ = [
     "DEFAULT_LOSS_WEIGHTS",
@@ -45,10 +46,6 @@ _KNOWN_ACTIONS = frozenset(
     {control_pb2.NONE, control_pb2.INTERVENE, control_pb2.ROLLBACK, control_pb2.STOP}
 )
 
-#: nnU-Net's default loss: ``DC_and_CE_loss`` with both weights 1.
-DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"dice": 1.0, "ce": 1.0}
-#: The label keys a run may carry (the fields of `RunLabels`).
-LABEL_KEYS: tuple[str, ...] = ("dataset", "configuration", "fold", "trainer", "plans", "host")
 
 
 def service_config() -> str:

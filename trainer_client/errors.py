@@ -1,31 +1,61 @@
-"""The client's exceptions, all in one place.
+"""Every error of training control and the one table that maps them to gRPC status codes.
 
 ::
 
-    ControlError                 anything that kept a report from getting a usable decision
+    DomainError                  raised by the server's use cases; ends the call with a status
+    ├── InvalidArgument          a request field is malformed (INVALID_ARGUMENT)
+    ├── NotFound                 the named object does not exist (NOT_FOUND)
+    └── StoreUnavailable         the store cannot be reached; nothing was decided (UNAVAILABLE)
+
+    ControlError                 the client's: anything that kept a call from a usable answer
     ├── ControlUnavailable       server down, unreachable, or too slow (deadline exceeded)
     ├── ControlRejected          the server refused the call (INVALID_ARGUMENT, ...)
     ├── ControlUnauthorized      missing, wrong or under-privileged token
     └── ControlProtocolError     the server answered something the client cannot act on
 
-With ``fail_open`` (the default) `ControlClient.report` catches them all and
-returns None; training code only sees them when it asks to.
+The domain errors are defined in `trainer_client.vocabulary` (no gRPC there: the
+policy engine raises them too); the client's errors are defined here.
+`STATUSES` is the one table: which domain error ends a call with which status
+code, which client error a status code becomes, and how `controlctl` exits on
+it. The servicer and the decider process read it one way (`status_of`), the
+decider's front end and the client the other (`domain_error`,
+`from_rpc_error`), `controlctl` for its exit status (`exit_code`).
+
+With ``fail_open`` (the default) `ControlClient.report` catches every
+ControlError and returns None; training code only sees them when it asks to.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import grpc
 
+from trainer_client.vocabulary import DomainError, InvalidArgument, NotFound, StoreUnavailable
+
 __all__ = [
+    "STATUSES",
     "ControlError",
     "ControlProtocolError",
     "ControlRejected",
     "ControlUnauthorized",
     "ControlUnavailable",
+    "DomainError",
+    "InvalidArgument",
+    "NotFound",
+    "Status",
+    "StoreUnavailable",
+    "domain_error",
+    "exit_code",
     "from_rpc_error",
+    "status_of",
 ]
+
+
+# --- the client's -----------------------------------------------------------------------
 
 
 class ControlError(Exception):
@@ -55,15 +85,56 @@ class ControlProtocolError(ControlError):
     """The server's answer is unusable (e.g. a decision for another run or epoch)."""
 
 
-_UNAVAILABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        # A call cancelled locally (channel closed under it) never reached a verdict.
-        grpc.StatusCode.CANCELLED,
-    }
+# --- the one table ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    """What one status code means on each side."""
+
+    code: grpc.StatusCode
+    #: The domain error that ends a call with this code (None: raised by gRPC or auth).
+    domain_error: type[DomainError] | None
+    #: What the client raises for it.
+    client_error: type[ControlError]
+    #: controlctl's exit status: 2 a bad request, 3 a refused caller, 1 the rest.
+    exit_code: int
+
+
+_C = grpc.StatusCode
+STATUSES: tuple[Status, ...] = (
+    Status(_C.INVALID_ARGUMENT, InvalidArgument, ControlRejected, 2),
+    Status(_C.NOT_FOUND, NotFound, ControlRejected, 2),
+    Status(_C.UNAVAILABLE, StoreUnavailable, ControlUnavailable, 1),
+    Status(_C.ALREADY_EXISTS, None, ControlRejected, 2),
+    Status(_C.FAILED_PRECONDITION, None, ControlRejected, 2),
+    Status(_C.OUT_OF_RANGE, None, ControlRejected, 2),
+    Status(_C.UNAUTHENTICATED, None, ControlUnauthorized, 3),
+    Status(_C.PERMISSION_DENIED, None, ControlUnauthorized, 3),
+    Status(_C.DEADLINE_EXCEEDED, None, ControlUnavailable, 1),
+    # A call cancelled locally (channel closed under it) never reached a verdict.
+    Status(_C.CANCELLED, None, ControlUnavailable, 1),
 )
-_UNAUTHORIZED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+#: Any other code (INTERNAL, UNKNOWN, ...): a rejected call, exit status 1.
+_OTHER = Status(_C.INTERNAL, None, ControlRejected, 1)
+_BY_CODE: Mapping[grpc.StatusCode, Status] = MappingProxyType({s.code: s for s in STATUSES})
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    """The code a call that raised `error` ends with (INTERNAL for anything unforeseen)."""
+    for status in STATUSES:
+        if status.domain_error is not None and isinstance(error, status.domain_error):
+            return status.code
+    return _OTHER.code
+
+
+def domain_error(code: grpc.StatusCode, message: str, field_name: str = "") -> DomainError:
+    """The domain error `status_of` maps to `code`, rebuilt from its parts (the decider
+    process sends them over its socket); a plain DomainError (INTERNAL) otherwise."""
+    kind = _BY_CODE.get(code, _OTHER).domain_error
+    if kind is InvalidArgument:
+        return InvalidArgument(field_name, message)
+    return (kind or DomainError)(message)
 
 
 def from_rpc_error(error: grpc.RpcError) -> ControlError:
@@ -73,14 +144,10 @@ def from_rpc_error(error: grpc.RpcError) -> ControlError:
     code = code_fn() if callable(code_fn) else None
     details = (details_fn() if callable(details_fn) else None) or str(error)
     name = code.name if code is not None else "UNKNOWN"
-    message = f"{name}: {details}"
-    kind: type[ControlError]
-    if code in _UNAVAILABLE:
-        kind = ControlUnavailable
-    elif code in _UNAUTHORIZED:
-        kind = ControlUnauthorized
-    elif code is None:
-        kind = ControlError
-    else:
-        kind = ControlRejected
-    return kind(message, code=code, details=details)
+    kind = ControlError if code is None else _BY_CODE.get(code, _OTHER).client_error
+    return kind(f"{name}: {details}", code=code, details=details)
+
+
+def exit_code(code: grpc.StatusCode) -> int:
+    """controlctl's exit status for a call that failed with `code`."""
+    return _BY_CODE.get(code, _OTHER).exit_code

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from control_server.domain import LOSS_COMPONENTS, InvalidArgument
+from control_server.domain import InvalidArgument
+from trainer_client.vocabulary import LossWeightError, check_loss_weights
 
 DEFAULT_POLICY_RESOURCE = "default.yaml"
 
@@ -273,16 +274,12 @@ def _weight_mix(value: Any, where: str) -> dict[str, float]:
         raise PolicyError(
             where, f"must be a non-empty mapping of loss component to weight, but got {value!r}"
         )
-    mix: dict[str, float] = {}
-    for component in value:
-        if component not in LOSS_COMPONENTS:
-            raise PolicyError(
-                f"{where}.{component}",
-                f"unknown loss component; expected one of {', '.join(LOSS_COMPONENTS)}",
-            )
-        mix[component] = _number(value, component, where, 0.0, lo=0.0)
-    if sum(mix.values()) <= 0:
-        raise PolicyError(where, "weights must not all be 0")
+    try:
+        mix = check_loss_weights(value)
+    except LossWeightError as exc:
+        if exc.component is None:
+            raise PolicyError(where, f"weights {exc.problem}") from None
+        raise PolicyError(f"{where}.{exc.component}", exc.problem) from None
     return dict(sorted(mix.items()))
 
 

@@ -571,12 +571,12 @@ def test_watch_sees_decisions_of_another_replica(
 def test_a_cancelled_watch_is_released(server: ServerThread, stubs: Stubs) -> None:
     call = stubs.admin.WatchDecisions(pb.WatchDecisionsRequest(), timeout=STREAM_DEADLINE)
     call.initial_metadata()
-    assert server.running.service.broadcast.watchers == 1
+    assert server.running.watches.count == 1
     call.cancel()
     deadline = time.monotonic() + 5
-    while server.running.service.broadcast.watchers and time.monotonic() < deadline:
+    while server.running.watches.count and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert server.running.service.broadcast.watchers == 0
+    assert server.running.watches.count == 0
 
 
 def test_stopping_the_server_ends_open_watches_at_once(
@@ -699,9 +699,9 @@ def test_the_server_stays_live_while_an_ended_watch_waits_to_be_recorded(
     try:
         call.cancel()
         deadline = time.monotonic() + 5
-        while server.running.service.broadcast.watchers and time.monotonic() < deadline:
+        while server.running.watches.count and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert server.running.service.broadcast.watchers == 0
+        assert server.running.watches.count == 0
         for _ in range(3):
             answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING

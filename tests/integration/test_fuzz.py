@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from control_server.app import ServerConfig
 from control_server.domain import LOSS_COMPONENTS
 from control_server.replay import replay_store
-from control_server.service import PolicyCache
+from control_server.report_epoch import PolicyCache
 from tests.conftest import ServerThread
 from trainer_client.api import control_pb2 as pb
 

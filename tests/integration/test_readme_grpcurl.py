@@ -75,7 +75,7 @@ def test_the_readme_documents_every_rpc() -> None:
 
 def wait_for_watchers(server: ServerThread, count: int, timeout_s: float = 15) -> None:
     deadline = time.monotonic() + timeout_s
-    while server.running.service.broadcast.watchers < count:
+    while server.running.watches.count < count:
         assert time.monotonic() < deadline, "the documented WatchDecisions never subscribed"
         time.sleep(0.02)
 
