@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers on ephemeral ports, real stores on disk."""
+"""Shared fixtures: real servers on ephemeral ports, real stores on disk, PostgreSQL
+databases (test data builders: tests/factories.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import pytest
 from hypothesis import settings
 
 from control_server.app import RunningServer, ServerConfig, start_server
-from trainer_client.api import control_pb2 as pb
+from control_server.store import open_store
+from tests.pg import empty_tables, fresh_database, system_admin_url
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
 # Shared 2-core machines stall now and then: judge properties, not timing.
@@ -72,6 +74,29 @@ def server(make_server: Callable[..., ServerThread]) -> ServerThread:
     return make_server()
 
 
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    """A new PostgreSQL database for the module (migrated by the first store opened on
+    it), on the system server: skipped without it, failed with CI=true (tests/pg.py)."""
+    with fresh_database(system_admin_url()) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_database: str) -> str:
+    """The module's PostgreSQL database, migrated and emptied for this test."""
+    open_store(pg_database).close()
+    empty_tables(pg_database)
+    return pg_database
+
+
+@pytest.fixture
+def pg_fresh_url() -> Iterator[str]:
+    """A new PostgreSQL database of this test's own, not migrated yet; dropped after."""
+    with fresh_database(system_admin_url()) as url:
+        yield url
+
+
 @dataclass
 class Stubs:
     channel: grpc.Channel
@@ -84,24 +109,6 @@ def stubs(server: ServerThread) -> Iterator[Stubs]:
     channel = grpc.insecure_channel(server.target)
     yield Stubs(channel, pb_grpc.TrainingControlStub(channel), pb_grpc.ControlAdminStub(channel))
     channel.close()
-
-
-def report(run_id: str = "run-a", epoch: int = 0, **fields: Any) -> pb.EpochReport:
-    """A valid report with sensible defaults; override any field."""
-    values: dict[str, Any] = {
-        "run_id": run_id,
-        "epoch": epoch,
-        "train_loss": 0.5,
-        "val_loss": 0.6,
-        "avg_gradient_norm": 0.05,
-        "intervention_count": 0,
-        "current_lr": 0.01,
-        "initial_lr": 0.01,
-        "loss_weights": {"dice": 1.0, "ce": 1.0},
-        "labels": pb.RunLabels(dataset="Dataset042_Disc", configuration="2d", fold="0"),
-    }
-    values.update(fields)
-    return pb.EpochReport(**values)
 
 
 REPO = Path(__file__).resolve().parent.parent

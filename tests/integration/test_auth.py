@@ -22,7 +22,8 @@ from control_server.auth import AuthInterceptor, Role
 from control_server.identity import current_actor
 from control_server.store import open_store
 from control_server.tokens import TokenTable, create_token
-from tests.conftest import REPO, ServerProcess, ServerThread, report
+from tests.conftest import REPO, ServerProcess, ServerThread
+from tests.factories import epoch_report
 from tests.integration.test_readme_grpcurl import grpcurl_binary
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -247,7 +248,9 @@ def test_grpcurl_lists_without_a_token_and_calls_with_one(
 
 def test_a_trainer_token_reports_epochs(channel: grpc.Channel, tokens: Tokens) -> None:
     stub = pb_grpc.TrainingControlStub(channel)
-    decision = stub.ReportEpoch(report(), metadata=bearer(tokens.by_role["trainer"]), timeout=10)
+    decision = stub.ReportEpoch(
+        epoch_report(), metadata=bearer(tokens.by_role["trainer"]), timeout=10
+    )
     assert decision.action == pb.NONE
 
 
@@ -273,7 +276,7 @@ def test_admin_calls_are_audited_with_actor_method_and_result(
     admin = pb_grpc.ControlAdminStub(channel)
     operator = bearer(tokens.by_role["operator"])
     trainer = bearer(tokens.by_role["trainer"])
-    pb_grpc.TrainingControlStub(channel).ReportEpoch(report("run-x"), metadata=trainer)
+    pb_grpc.TrainingControlStub(channel).ReportEpoch(epoch_report("run-x"), metadata=trainer)
     admin.GetRun(pb.GetRunRequest(run_id="run-x"), metadata=operator, timeout=10)
     for metadata in (trainer, None, bearer("guess")):
         with pytest.raises(grpc.RpcError):

@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import REPO, ServerProcess, report
+from tests.conftest import REPO, ServerProcess
+from tests.factories import epoch_report
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
@@ -41,7 +42,7 @@ def flat_run(target: str, run_id: str, epochs: int) -> list[pb.Decision]:
         stub = pb_grpc.TrainingControlStub(channel)
         for epoch in range(epochs):
             d = stub.ReportEpoch(
-                report(run_id, epoch, val_loss=0.5, current_lr=lr, intervention_count=count)
+                epoch_report(run_id, epoch, val_loss=0.5, current_lr=lr, intervention_count=count)
             )
             if d.action == pb.INTERVENE:
                 lr, count = d.lr, d.intervention_index
@@ -157,7 +158,7 @@ def test_sigterm_under_load_keeps_every_answered_decision(tmp_path: Path) -> Non
             stub = pb_grpc.TrainingControlStub(channel)
             for epoch in range(10_000):
                 try:
-                    answered.append(stub.ReportEpoch(report(f"load-{i}", epoch)).decision_id)
+                    answered.append(stub.ReportEpoch(epoch_report(f"load-{i}", epoch)).decision_id)
                 except grpc.RpcError:
                     return
                 started.set()

@@ -25,7 +25,8 @@ from control_server.ctl.render import EXPORT_FIELDS
 from control_server.policy.document import default_policy, parse_policy_yaml
 from control_server.tokens import create_token
 from tests.certs import make_certs
-from tests.conftest import REPO, ServerThread, report
+from tests.conftest import REPO, ServerThread
+from tests.factories import epoch_report
 from tests.integration.test_readme_grpcurl import readme_section
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -79,7 +80,7 @@ def flat_run(channel: Any, run_id: str, epochs: range, **labels: str) -> list[pb
     lr, count, decisions = 0.001, 0, []
     for epoch in epochs:
         d = stub.ReportEpoch(
-            report(
+            epoch_report(
                 run_id,
                 epoch,
                 val_loss=0.5,

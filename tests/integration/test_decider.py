@@ -17,7 +17,7 @@ from control_server.app import activate_startup_policy
 from control_server.decider import MAX_BATCH, Answer, Decider
 from control_server.domain import InvalidArgument, StoreUnavailable
 from control_server.store import open_store
-from tests.conftest import report
+from tests.factories import epoch_report
 from trainer_client.api import control_pb2 as pb
 
 
@@ -55,8 +55,8 @@ def stored(tmp_path: Path) -> dict[tuple[str, int], str]:
 def test_concurrent_reports_share_transactions(store_url: str, tmp_path: Path) -> None:
     async def main(decider: Decider) -> list[pb.Decision]:
         async def one_run(i: int) -> list[pb.Decision]:
-            raw = [report(f"run-{i}", e).SerializeToString() for e in range(10)]
-            return [decision(await decider.decide(r)) for r in raw]
+            raw = [epoch_report(f"run-{i}", e).SerializeToString() for e in range(10)]
+            return [decision(await decider.submit(r)) for r in raw]
 
         runs = await asyncio.gather(*(one_run(i) for i in range(20)))
         assert decider.rows == 200
@@ -70,8 +70,8 @@ def test_concurrent_reports_share_transactions(store_url: str, tmp_path: Path) -
 
 def test_a_report_already_decided_gets_its_stored_decision(store_url: str) -> None:
     async def main(decider: Decider) -> tuple[pb.Decision, pb.Decision]:
-        raw = report("run-a", 0).SerializeToString()
-        first, again = await asyncio.gather(decider.decide(raw), decider.decide(raw))
+        raw = epoch_report("run-a", 0).SerializeToString()
+        first, again = await asyncio.gather(decider.submit(raw), decider.submit(raw))
         return decision(first), decision(again)
 
     first, again = run(main, store_url)
@@ -81,10 +81,10 @@ def test_a_report_already_decided_gets_its_stored_decision(store_url: str) -> No
 def test_bad_requests_fail_alone_and_name_what_is_wrong(store_url: str, tmp_path: Path) -> None:
     async def main(decider: Decider) -> list[Any]:
         return await asyncio.gather(
-            decider.decide(b"\xff\xff\xff"),
-            decider.decide(report("", 0).SerializeToString()),
-            decider.decide(report("run-ok", 0, current_lr=-1.0).SerializeToString()),
-            decider.decide(report("run-ok", 1).SerializeToString()),
+            decider.submit(b"\xff\xff\xff"),
+            decider.submit(epoch_report("", 0).SerializeToString()),
+            decider.submit(epoch_report("run-ok", 0, current_lr=-1.0).SerializeToString()),
+            decider.submit(epoch_report("run-ok", 1).SerializeToString()),
             return_exceptions=True,
         )
 
@@ -100,19 +100,19 @@ def test_a_killed_decider_fails_its_calls_and_a_new_one_takes_over(
     store_url: str, tmp_path: Path
 ) -> None:
     async def main(decider: Decider) -> tuple[str, str]:
-        first = decision(await decider.decide(report("run-k", 0).SerializeToString()))
+        first = decision(await decider.submit(epoch_report("run-k", 0).SerializeToString()))
         pid = decider.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while decider.restarts == 0 and time.monotonic() < deadline:
             try:
-                await decider.decide(report("run-k", 1).SerializeToString())
+                await decider.submit(epoch_report("run-k", 1).SerializeToString())
             except StoreUnavailable as exc:
                 assert "decider" in str(exc)
             await asyncio.sleep(0.05)
         assert decider.restarts == 1 and decider.pid != pid
-        again = decision(await decider.decide(report("run-k", 0).SerializeToString()))
+        again = decision(await decider.submit(epoch_report("run-k", 0).SerializeToString()))
         return first.decision_id, again.decision_id
 
     first, again = run(main, store_url)
@@ -124,13 +124,13 @@ def test_close_answers_every_call_made_so_far(store_url: str, tmp_path: Path) ->
     async def main() -> list[pb.Decision]:
         decider = await Decider.start(store_url)
         calls = [
-            asyncio.ensure_future(decider.decide(report(f"run-{i}", 0).SerializeToString()))
+            asyncio.ensure_future(decider.submit(epoch_report(f"run-{i}", 0).SerializeToString()))
             for i in range(100)
         ]
         await asyncio.sleep(0)  # the calls are sent
         await decider.close()
         with pytest.raises(StoreUnavailable, match="shutting down"):
-            await decider.decide(report("late", 0).SerializeToString())
+            await decider.submit(epoch_report("late", 0).SerializeToString())
         return [decision(await c) for c in calls]
 
     decided = asyncio.run(main())
@@ -140,12 +140,12 @@ def test_close_answers_every_call_made_so_far(store_url: str, tmp_path: Path) ->
 
 def test_a_cancelled_caller_still_gets_its_report_stored(store_url: str, tmp_path: Path) -> None:
     async def main(decider: Decider) -> None:
-        call = asyncio.ensure_future(decider.decide(report("run-c", 0).SerializeToString()))
+        call = asyncio.ensure_future(decider.submit(epoch_report("run-c", 0).SerializeToString()))
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         call.cancel()
         # The next answer comes after the cancelled one's batch is committed.
-        await decider.decide(report("run-d", 0).SerializeToString())
+        await decider.submit(epoch_report("run-d", 0).SerializeToString())
 
     run(main, store_url)
     assert ("run-c", 0) in stored(tmp_path)
@@ -160,8 +160,8 @@ def test_a_store_the_decider_cannot_open_fails_the_start(tmp_path: Path) -> None
 
 def test_more_reports_than_one_batch_holds_are_all_answered(store_url: str, tmp_path: Path) -> None:
     async def main(decider: Decider) -> list[Answer]:
-        raw = [report(f"run-{i}", 0).SerializeToString() for i in range(MAX_BATCH * 2 + 7)]
-        return await asyncio.wait_for(asyncio.gather(*(decider.decide(r) for r in raw)), 60)
+        raw = [epoch_report(f"run-{i}", 0).SerializeToString() for i in range(MAX_BATCH * 2 + 7)]
+        return await asyncio.wait_for(asyncio.gather(*(decider.submit(r) for r in raw)), 60)
 
     answers = run(main, store_url)
     assert len(stored(tmp_path)) == len(answers) == MAX_BATCH * 2 + 7

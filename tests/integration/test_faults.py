@@ -45,9 +45,10 @@ import pytest
 
 from control_server.domain import DecisionFilter
 from control_server.store import open_store
-from tests.conftest import REPO, report
+from tests.conftest import REPO
+from tests.factories import epoch_report
 from tests.integration.test_cli import cli
-from tests.pg import PrivatePostgres, fresh_database, system_admin_url
+from tests.pg import PrivatePostgres
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
@@ -191,7 +192,7 @@ class Load:
                     continue
                 self.last_sent[run_id] = epoch
                 try:
-                    decision = stub.ReportEpoch(report(run_id, epoch), timeout=CALL_TIMEOUT_S)
+                    decision = stub.ReportEpoch(epoch_report(run_id, epoch), timeout=CALL_TIMEOUT_S)
                 except grpc.RpcError as error:
                     if self.retry_unavailable and error.code() == grpc.StatusCode.UNAVAILABLE:
                         with self._lock:
@@ -282,14 +283,14 @@ def sqlite_read_only(path: Path) -> dict[tuple[str, int], str]:
 
 
 def call(stub: pb_grpc.TrainingControlStub, run_id: str, epoch: int) -> pb.Decision:
-    decision = stub.ReportEpoch(report(run_id, epoch), timeout=CALL_TIMEOUT_S)
+    decision = stub.ReportEpoch(epoch_report(run_id, epoch), timeout=CALL_TIMEOUT_S)
     assert (decision.run_id, decision.epoch) == (run_id, epoch)
     return decision
 
 
 def refused(stub: pb_grpc.TrainingControlStub, run_id: str, epoch: int) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as error:
-        stub.ReportEpoch(report(run_id, epoch), timeout=CALL_TIMEOUT_S)
+        stub.ReportEpoch(epoch_report(run_id, epoch), timeout=CALL_TIMEOUT_S)
     return error.value
 
 
@@ -315,8 +316,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/control.db"
         return
-    with fresh_database(system_admin_url()) as url:
-        yield url
+    yield request.getfixturevalue("pg_fresh_url")
 
 
 def test_sigkill_under_load_keeps_every_received_decision_and_a_restart_serves_on(
@@ -383,7 +383,7 @@ def until_served(
     deadline = time.monotonic() + RECOVERY_S
     for attempt in range(10_000):
         try:
-            decision = stub.ReportEpoch(report(run_id, epoch), timeout=OUTAGE_CALL_TIMEOUT_S)
+            decision = stub.ReportEpoch(epoch_report(run_id, epoch), timeout=OUTAGE_CALL_TIMEOUT_S)
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.UNAVAILABLE, error
             assert time.monotonic() < deadline, f"not served {RECOVERY_S}s after: {error}"
@@ -406,7 +406,7 @@ def test_postgres_down_answers_unavailable_and_the_server_recovers_by_itself(
         for run_id, epoch in (("pg", 3), ("pg-lost", 0)):
             began = time.monotonic()
             with pytest.raises(grpc.RpcError) as down:
-                stub.ReportEpoch(report(run_id, epoch), timeout=OUTAGE_CALL_TIMEOUT_S)
+                stub.ReportEpoch(epoch_report(run_id, epoch), timeout=OUTAGE_CALL_TIMEOUT_S)
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value
             assert "postgresql store" in (down.value.details() or ""), down.value.details()
             assert time.monotonic() - began < OUTAGE_CALL_TIMEOUT_S

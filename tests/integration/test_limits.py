@@ -19,7 +19,8 @@ import pytest
 
 from control_server.domain import DecisionFilter
 from control_server.store import open_store
-from tests.conftest import ServerProcess, ServerThread, report
+from tests.conftest import ServerProcess, ServerThread
+from tests.factories import epoch_report
 from trainer_client import ClientConfig, ControlClient, ControlRejected
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -54,7 +55,7 @@ def control(limited: ServerProcess) -> Iterator[pb_grpc.TrainingControlStub]:
 def test_a_request_over_the_server_limit_is_resource_exhausted_and_the_server_serves_on(
     control: pb_grpc.TrainingControlStub,
 ) -> None:
-    huge = report("run-huge", 0, labels=pb.RunLabels(host="h" * (2 * LIMIT)))
+    huge = epoch_report("run-huge", 0, labels=pb.RunLabels(host="h" * (2 * LIMIT)))
     assert huge.ByteSize() > LIMIT
     with pytest.raises(grpc.RpcError) as refused:
         control.ReportEpoch(huge, timeout=CALL_TIMEOUT_S)
@@ -62,14 +63,14 @@ def test_a_request_over_the_server_limit_is_resource_exhausted_and_the_server_se
     assert str(LIMIT) in (refused.value.details() or "")
 
     # Same connection, next call: served.
-    decision = control.ReportEpoch(report("run-ok", 0), timeout=CALL_TIMEOUT_S)
+    decision = control.ReportEpoch(epoch_report("run-ok", 0), timeout=CALL_TIMEOUT_S)
     assert (decision.run_id, decision.epoch) == ("run-ok", 0)
 
 
 def test_a_request_under_the_limit_with_an_overlong_field_names_the_field(
     control: pb_grpc.TrainingControlStub,
 ) -> None:
-    long_host = report("run-long", 0, labels=pb.RunLabels(host="h" * 1000))
+    long_host = epoch_report("run-long", 0, labels=pb.RunLabels(host="h" * 1000))
     assert long_host.ByteSize() < LIMIT
     with pytest.raises(grpc.RpcError) as refused:
         control.ReportEpoch(long_host, timeout=CALL_TIMEOUT_S)
@@ -84,7 +85,7 @@ def test_an_answer_over_the_server_limit_is_not_sent_and_the_server_serves_on(
         control = pb_grpc.TrainingControlStub(channel)
         admin = pb_grpc.ControlAdminStub(channel)
         for epoch in range(60):  # each (report, decision) pair is ~300 bytes in GetRun
-            control.ReportEpoch(report("run-long-history", epoch), timeout=CALL_TIMEOUT_S)
+            control.ReportEpoch(epoch_report("run-long-history", epoch), timeout=CALL_TIMEOUT_S)
         with pytest.raises(grpc.RpcError) as refused:
             admin.GetRun(pb.GetRunRequest(run_id="run-long-history"), timeout=CALL_TIMEOUT_S)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -110,7 +111,7 @@ def test_the_client_refuses_to_send_a_report_over_its_limit(
 ) -> None:
     server = make_server()
     config = ClientConfig(target=server.target, max_message_bytes=512, deadline_s=5)
-    oversized = report("run-big", 0, labels=pb.RunLabels(host="h" * 1000))
+    oversized = epoch_report("run-big", 0, labels=pb.RunLabels(host="h" * 1000))
     assert oversized.ByteSize() > config.max_message_bytes
     caplog.set_level(logging.WARNING, logger="trainer_client.client")
     with ControlClient(config) as client:
@@ -119,7 +120,7 @@ def test_the_client_refuses_to_send_a_report_over_its_limit(
         assert len(warnings) == 1
         assert "RESOURCE_EXHAUSTED" in warnings[0].getMessage()
         # The channel is fine: the next, normal report gets its decision.
-        assert client.report(report("run-big", 0)) is not None
+        assert client.report(epoch_report("run-big", 0)) is not None
     # The refused report never reached the server: the decision stored is the later one's.
     store = open_store(f"sqlite:///{tmp_path}/control.db")
     try:

@@ -15,7 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from control_server.store import open_store
-from tests.conftest import REPO, ServerThread, report
+from tests.conftest import REPO, ServerThread
+from tests.factories import epoch_report
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
@@ -39,10 +40,10 @@ def test_metrics_count_rpcs_by_code_decisions_by_action_and_commit_latency(
     with grpc.insecure_channel(server.target) as channel:
         control = pb_grpc.TrainingControlStub(channel)
         for epoch in range(3):
-            control.ReportEpoch(report("run-m", epoch))
-        control.ReportEpoch(report("run-m", 7, val_loss=float("nan")))
+            control.ReportEpoch(epoch_report("run-m", epoch))
+        control.ReportEpoch(epoch_report("run-m", 7, val_loss=float("nan")))
         with pytest.raises(grpc.RpcError):
-            control.ReportEpoch(report("", 0))
+            control.ReportEpoch(epoch_report("", 0))
         with pytest.raises(grpc.RpcError):
             pb_grpc.ControlAdminStub(channel).GetRun(pb.GetRunRequest(run_id="nope"))
     # An aborted call's status reaches the client a moment before its handler

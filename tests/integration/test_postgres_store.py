@@ -19,13 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.pg import (
-    PrivatePostgres,
-    empty_tables,
-    fresh_database,
-    in_ci,
-    system_admin_url,
-)
+from tests.pg import PrivatePostgres, in_ci, system_admin_url
 
 try:
     import psycopg
@@ -44,41 +38,20 @@ from control_server.domain import (
 from control_server.store import PostgresStore, open_store
 from control_server.store.factory import redact_url
 from control_server.store.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, load_migrations
-from tests.conftest import ServerThread, report
-from tests.integration.test_store_contract import make_record, make_report
+from tests.conftest import ServerThread
+from tests.factories import epoch_report, make_record, make_report
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
 SHIPPED = [(1, "0001_initial.sql"), (2, "0002_operators.sql")]
 
 
-@pytest.fixture(scope="module")
-def module_db() -> Iterator[str]:
-    with fresh_database(system_admin_url()) as url:
-        yield url
-
-
 @pytest.fixture
-def db(module_db: str) -> str:
-    """The module's database, migrated and emptied."""
-    open_store(module_db).close()
-    empty_tables(module_db)
-    return module_db
-
-
-@pytest.fixture
-def new_db() -> Iterator[str]:
-    """A database of its own, not migrated yet."""
-    with fresh_database(system_admin_url()) as url:
-        yield url
-
-
-@pytest.fixture
-def stores(db: str) -> Iterator[Callable[[], PostgresStore]]:
-    """Open stores on `db` (as replicas would); all closed at the end."""
+def stores(pg_url: str) -> Iterator[Callable[[], PostgresStore]]:
+    """Open stores on `pg_url` (as replicas would); all closed at the end."""
     opened: list[PostgresStore] = []
 
     def open_one() -> PostgresStore:
-        store = PostgresStore(db)
+        store = PostgresStore(pg_url)
         opened.append(store)
         return store
 
@@ -110,12 +83,12 @@ def test_both_dialects_ship_the_same_migration_levels() -> None:
     assert sqlite == postgres == [name for _, name in SHIPPED]
 
 
-def test_replicas_starting_together_migrate_once(new_db: str) -> None:
+def test_replicas_starting_together_migrate_once(pg_fresh_url: str) -> None:
     start = threading.Barrier(4)
 
     def open_one(_: int) -> int:
         start.wait()
-        store = PostgresStore(new_db)
+        store = PostgresStore(pg_fresh_url)
         try:
             return store.schema_version()
         finally:
@@ -123,43 +96,45 @@ def test_replicas_starting_together_migrate_once(new_db: str) -> None:
 
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(open_one, range(4))) == [len(SHIPPED)] * 4
-    assert _raw(new_db, "SELECT version, name FROM schema_version ORDER BY version") == SHIPPED
+    assert (
+        _raw(pg_fresh_url, "SELECT version, name FROM schema_version ORDER BY version") == SHIPPED
+    )
 
 
-def test_a_newer_schema_is_refused(new_db: str) -> None:
-    PostgresStore(new_db).close()
-    _raw(new_db, "INSERT INTO schema_version VALUES (3, '0003_future.sql', now())")
+def test_a_newer_schema_is_refused(pg_fresh_url: str) -> None:
+    PostgresStore(pg_fresh_url).close()
+    _raw(pg_fresh_url, "INSERT INTO schema_version VALUES (3, '0003_future.sql', now())")
     with pytest.raises(StoreUnavailable, match=r"schema version 3 is newer .* knows \(2\)"):
-        PostgresStore(new_db)
+        PostgresStore(pg_fresh_url)
 
 
 def test_a_later_migration_is_applied_once_and_a_failing_one_changes_nothing(
-    new_db: str, tmp_path: Path
+    pg_fresh_url: str, tmp_path: Path
 ) -> None:
     only_first = _copy(POSTGRES_MIGRATIONS, tmp_path / "only-0001", upto=1)
-    PostgresStore(new_db, migrations=only_first).close()
+    PostgresStore(pg_fresh_url, migrations=only_first).close()
     # What a 0001 server wrote: a run with two decided epochs.
     _raw(
-        new_db,
+        pg_fresh_url,
         "INSERT INTO runs (run_id, first_seen, last_seen, last_epoch, report_count, "
         "intervention_count, current_lr) VALUES ('run-a', now(), now(), 3, 2, 0, 0.01)",
     )
     for epoch in (0, 3):
         _raw(
-            new_db,
+            pg_fresh_url,
             "INSERT INTO reports (run_id, epoch, train_loss, intervention_count, current_lr, "
             "initial_lr, loss_weights) VALUES ('run-a', %s, 0.5, 0, 0.01, 0.01, '{}')",
             (epoch,),
         )
         _raw(
-            new_db,
+            pg_fresh_url,
             "INSERT INTO decisions (decision_id, run_id, epoch, action, source, reason, "
             "policy_version, decided_at, loss_weights, intervention_index, state) "
             "VALUES (%s, 'run-a', %s, 'NONE', 'POLICY', 'fine', 'v1', now(), '{}', 0, '{}')",
             (f"d-old-{epoch}", epoch),
         )
 
-    store = PostgresStore(new_db)  # 0002 on a populated database
+    store = PostgresStore(pg_fresh_url)  # 0002 on a populated database
     try:
         assert store.schema_version() == len(SHIPPED)
         existing = store.load_context("run-a", 3).existing
@@ -175,17 +150,17 @@ def test_a_later_migration_is_applied_once_and_a_failing_one_changes_nothing(
         encoding="utf-8",
     )
     with pytest.raises(StoreUnavailable, match="no_such_table"):
-        PostgresStore(new_db, migrations=broken)
-    assert _raw(new_db, "SELECT max(version) FROM schema_version") == [(len(SHIPPED),)]
-    assert _raw(new_db, "SELECT to_regclass('half_done')") == [(None,)]
+        PostgresStore(pg_fresh_url, migrations=broken)
+    assert _raw(pg_fresh_url, "SELECT max(version) FROM schema_version") == [(len(SHIPPED),)]
+    assert _raw(pg_fresh_url, "SELECT to_regclass('half_done')") == [(None,)]
 
 
 # --- URLs ----------------------------------------------------------------------------
 
 
-def test_url_spellings_and_a_password_kept_out_of_messages(db: str) -> None:
+def test_url_spellings_and_a_password_kept_out_of_messages(pg_url: str) -> None:
     for scheme in ("postgres", "postgresql+psycopg"):
-        store = open_store(db.replace("postgresql", scheme, 1))
+        store = open_store(pg_url.replace("postgresql", scheme, 1))
         try:
             assert isinstance(store, PostgresStore)
             assert store.schema_version() == len(SHIPPED)
@@ -396,23 +371,23 @@ def test_report_epoch_is_unavailable_while_the_database_is_down(
     stub = pb_grpc.TrainingControlStub(channel)
     received = []
     try:
-        received.append(stub.ReportEpoch(report("run-down", 0), timeout=5))
+        received.append(stub.ReportEpoch(epoch_report("run-down", 0), timeout=5))
         private_pg.stop()
         for epoch in (1, 2):
             with pytest.raises(grpc.RpcError) as down:
-                stub.ReportEpoch(report("run-down", epoch), timeout=5)
+                stub.ReportEpoch(epoch_report("run-down", epoch), timeout=5)
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE
         private_pg.start()
         deadline = time.monotonic() + 15
         while True:
             try:
-                received.append(stub.ReportEpoch(report("run-down", 1), timeout=5))
+                received.append(stub.ReportEpoch(epoch_report("run-down", 1), timeout=5))
                 break
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        received.append(stub.ReportEpoch(report("run-down", 2), timeout=5))
+        received.append(stub.ReportEpoch(epoch_report("run-down", 2), timeout=5))
     finally:
         channel.close()
         private_pg.start()
@@ -424,9 +399,11 @@ def test_report_epoch_is_unavailable_while_the_database_is_down(
     assert stored == {d.epoch: d.decision_id for d in received}
 
 
-def test_a_replica_stuck_inside_a_transaction_does_not_block_the_others(db: str) -> None:
-    stuck = PostgresStore(db, session_timeouts={"idle_in_transaction": 0.5})
-    healthy = PostgresStore(db)
+def test_a_replica_stuck_inside_a_transaction_does_not_block_the_others(
+    pg_url: str,
+) -> None:
+    stuck = PostgresStore(pg_url, session_timeouts={"idle_in_transaction": 0.5})
+    healthy = PostgresStore(pg_url)
     try:
         # Its session is ended under it (idle in a transaction too long) ...
         with pytest.raises(StoreUnavailable), stuck.write_transaction():
@@ -472,9 +449,9 @@ def test_a_server_on_a_database_without_autovacuum_warns_at_start(
         _set_autovacuum(private_pg.url, "DEFAULT")
 
 
-def test_read_only_does_not_migrate_an_older_schema(new_db: str, tmp_path: Path) -> None:
+def test_read_only_does_not_migrate_an_older_schema(pg_fresh_url: str, tmp_path: Path) -> None:
     only_first = _copy(POSTGRES_MIGRATIONS, tmp_path / "only-0001", upto=1)
-    PostgresStore(new_db, migrations=only_first).close()
+    PostgresStore(pg_fresh_url, migrations=only_first).close()
     with pytest.raises(StoreUnavailable, match=r"schema version 1 is older .* cannot be migrated"):
-        PostgresStore(new_db, read_only=True)
-    assert _raw(new_db, "SELECT version FROM schema_version") == [(1,)]
+        PostgresStore(pg_fresh_url, read_only=True)
+    assert _raw(pg_fresh_url, "SELECT version FROM schema_version") == [(1,)]

@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from control_server.store import open_store
 from tests.conftest import ServerProcess, ServerThread
 from tests.integration.test_admin import (
     DEFAULT_VERSION,
@@ -29,7 +28,6 @@ from tests.integration.test_admin import (
     Trainer,
     struct,
 )
-from tests.pg import empty_tables, fresh_database, system_admin_url
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 from trainer_client.sim import SimulatedRun
@@ -55,20 +53,6 @@ class Replica:
             pb_grpc.TrainingControlStub(channel),
             pb_grpc.ControlAdminStub(channel),
         )
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    with fresh_database(system_admin_url()) as url:
-        yield url
-
-
-@pytest.fixture
-def pg_url(pg_database: str) -> str:
-    """The module's database, migrated and emptied."""
-    open_store(pg_database).close()
-    empty_tables(pg_database)
-    return pg_database
 
 
 @pytest.fixture
@@ -138,27 +122,24 @@ def _race(
 
 
 def test_replicas_starting_together_on_an_empty_database_agree(
-    make_server: Callable[..., ServerThread],
+    make_server: Callable[..., ServerThread], pg_fresh_url: str
 ) -> None:
-    with fresh_database(system_admin_url()) as url:
-        with ThreadPoolExecutor(3) as pool:
-            servers = list(pool.map(lambda _: make_server(store_url=url), range(3)))
-        nodes = [Replica.connect(s) for s in servers]
-        try:
-            assert {s.running.policy_version for s in servers} == {DEFAULT_VERSION}
-            assert {n.admin.GetPolicy(pb.GetPolicyRequest()).version for n in nodes} == {
-                DEFAULT_VERSION
-            }
-            run = Trainer("run-first")
-            answered = [
-                run.apply(n.control.ReportEpoch(run.report(e))) for e, n in enumerate(nodes)
-            ]
-            assert [d.epoch for d in answered] == [0, 1, 2]
-        finally:
-            for node in nodes:
-                node.channel.close()
-            for server in servers:
-                server.stop()
+    with ThreadPoolExecutor(3) as pool:
+        servers = list(pool.map(lambda _: make_server(store_url=pg_fresh_url), range(3)))
+    nodes = [Replica.connect(s) for s in servers]
+    try:
+        assert {s.running.policy_version for s in servers} == {DEFAULT_VERSION}
+        assert {n.admin.GetPolicy(pb.GetPolicyRequest()).version for n in nodes} == {
+            DEFAULT_VERSION
+        }
+        run = Trainer("run-first")
+        answered = [run.apply(n.control.ReportEpoch(run.report(e))) for e, n in enumerate(nodes)]
+        assert [d.epoch for d in answered] == [0, 1, 2]
+    finally:
+        for node in nodes:
+            node.channel.close()
+        for server in servers:
+            server.stop()
 
 
 # --- idempotency ------------------------------------------------------------------------

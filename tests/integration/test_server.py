@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from control_server.policy.document import default_policy
-from tests.conftest import ServerThread, Stubs, report
+from tests.conftest import ServerThread, Stubs
+from tests.factories import epoch_report
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
@@ -28,7 +29,7 @@ def plateau_run(
     for epoch in range(epochs):
         loss = max(0.3, 0.6 - 0.1 * epoch)
         decision = stubs.control.ReportEpoch(
-            report(
+            epoch_report(
                 run_id,
                 epoch,
                 val_loss=loss,
@@ -47,7 +48,7 @@ def plateau_run(
 
 
 def test_a_report_gets_a_recorded_decision_of_the_active_policy(stubs: Stubs) -> None:
-    decision = stubs.control.ReportEpoch(report("run-a", 0))
+    decision = stubs.control.ReportEpoch(epoch_report("run-a", 0))
     assert decision.run_id == "run-a" and decision.epoch == 0
     assert decision.action == pb.NONE and decision.source == pb.POLICY
     assert decision.policy_version == default_policy().version
@@ -70,8 +71,8 @@ def test_a_plateau_is_met_with_a_gradient_aware_lr_boost(stubs: Stubs) -> None:
 
 
 def test_a_retried_report_gets_the_same_decision_and_no_second_row(stubs: Stubs) -> None:
-    first = stubs.control.ReportEpoch(report("run-r", 0))
-    again = stubs.control.ReportEpoch(report("run-r", 0, val_loss=9.0))
+    first = stubs.control.ReportEpoch(epoch_report("run-r", 0))
+    again = stubs.control.ReportEpoch(epoch_report("run-r", 0, val_loss=9.0))
     assert again == first
     run = stubs.admin.GetRun(pb.GetRunRequest(run_id="run-r"))
     assert [e.decision.decision_id for e in run.epochs] == [first.decision_id]
@@ -96,7 +97,7 @@ def test_a_retried_report_gets_the_same_decision_and_no_second_row(stubs: Stubs)
 def test_bad_input_is_refused_naming_the_field_and_nothing_is_stored(
     stubs: Stubs, fields: dict[str, object], named: str
 ) -> None:
-    bad = report("run-bad", 3)
+    bad = epoch_report("run-bad", 3)
     for key, value in fields.items():
         if key == "loss_weights":
             bad.loss_weights.clear()
@@ -108,7 +109,7 @@ def test_bad_input_is_refused_naming_the_field_and_nothing_is_stored(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert named in err.value.details()
     # The server keeps serving, and the bad report left no trace.
-    assert stubs.control.ReportEpoch(report("run-ok", 0)).action == pb.NONE
+    assert stubs.control.ReportEpoch(epoch_report("run-ok", 0)).action == pb.NONE
     runs = stubs.admin.ListRuns(pb.ListRunsRequest())
     assert [r.run_id for r in runs.runs] == ["run-ok"]
 
@@ -118,13 +119,13 @@ def test_a_message_over_the_size_limit_is_refused(make_server: Callable[..., Ser
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.TrainingControlStub(channel)
         with pytest.raises(grpc.RpcError) as err:
-            stub.ReportEpoch(report("r", 0, labels=pb.RunLabels(host="h" * 100_000)))
+            stub.ReportEpoch(epoch_report("r", 0, labels=pb.RunLabels(host="h" * 100_000)))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert stub.ReportEpoch(report("r", 0)).action == pb.NONE
+        assert stub.ReportEpoch(epoch_report("r", 0)).action == pb.NONE
 
 
 def test_a_non_finite_loss_is_a_training_event_not_bad_input(stubs: Stubs) -> None:
-    decision = stubs.control.ReportEpoch(report("run-nan", 7, val_loss=math.nan))
+    decision = stubs.control.ReportEpoch(epoch_report("run-nan", 7, val_loss=math.nan))
     assert decision.action == pb.STOP and decision.source == pb.SAFETY
     assert "finite" in decision.reason
 
@@ -134,7 +135,7 @@ def test_decisions_are_durable_and_survive_a_restart(
 ) -> None:
     server = make_server()
     with grpc.insecure_channel(server.target) as channel:
-        first = pb_grpc.TrainingControlStub(channel).ReportEpoch(report("run-d", 4))
+        first = pb_grpc.TrainingControlStub(channel).ReportEpoch(epoch_report("run-d", 4))
     server.stop()
     # What the client was told is in the file before any shutdown bookkeeping.
     with sqlite3.connect(tmp_path / "control.db") as db:
@@ -143,13 +144,15 @@ def test_decisions_are_durable_and_survive_a_restart(
     assert rows == [(first.decision_id,)]
     again = make_server()
     with grpc.insecure_channel(again.target) as channel:
-        retried = pb_grpc.TrainingControlStub(channel).ReportEpoch(report("run-d", 4))
+        retried = pb_grpc.TrainingControlStub(channel).ReportEpoch(epoch_report("run-d", 4))
     assert retried.decision_id == first.decision_id
 
 
 def test_concurrent_reports_are_group_committed(server: ServerThread, stubs: Stubs) -> None:
     def one_run(i: int) -> list[str]:
-        return [stubs.control.ReportEpoch(report(f"run-{i}", e)).decision_id for e in range(5)]
+        return [
+            stubs.control.ReportEpoch(epoch_report(f"run-{i}", e)).decision_id for e in range(5)
+        ]
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         ids = [d for run in pool.map(one_run, range(32)) for d in run]
@@ -161,7 +164,9 @@ def test_concurrent_reports_are_group_committed(server: ServerThread, stubs: Stu
 
 def test_runs_are_listed_and_shown_in_epoch_order(stubs: Stubs) -> None:
     plateau_run(stubs, "run-1", 4)
-    stubs.control.ReportEpoch(report("run-2", 0, labels=pb.RunLabels(dataset="Other", fold="1")))
+    stubs.control.ReportEpoch(
+        epoch_report("run-2", 0, labels=pb.RunLabels(dataset="Other", fold="1"))
+    )
     listed = stubs.admin.ListRuns(pb.ListRunsRequest())
     assert [r.run_id for r in listed.runs] == ["run-2", "run-1"]
     only = stubs.admin.ListRuns(pb.ListRunsRequest(dataset="Other"))

@@ -18,7 +18,7 @@ from control_server.domain import (
 )
 from control_server.store import SqliteStore, open_store
 from control_server.store.sqlite import MIGRATIONS
-from tests.integration.test_store_contract import T0, make_record
+from tests.factories import T0, make_record
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
-from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from control_server.domain import (
     NotFound,
     Override,
     PolicyPin,
-    PolicyVersion,
     Report,
     RunContext,
     RunFilter,
@@ -39,27 +37,18 @@ from control_server.domain import (
     frozen_map,
 )
 from control_server.store import Store, open_store
-from tests.pg import empty_tables, fresh_database, system_admin_url
+from tests.factories import (
+    LABELS,
+    T0,
+    make_decision,
+    make_override,
+    make_policy,
+    make_record,
+    make_report,
+)
+from tests.pg import empty_tables
 
 BACKENDS = ["sqlite", "postgresql"]
-
-T0 = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
-LABELS = RunLabels(
-    dataset="Dataset042_Disc",
-    configuration="2d",
-    fold="0",
-    trainer="nnUNetTrainerControlled",
-    plans="nnUNetPlans",
-    host="gpu-7",
-)
-_ids = count()
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    """This module's PostgreSQL database (migrated by the first store opened on it)."""
-    with fresh_database(system_admin_url()) as url:
-        yield url
 
 
 @contextmanager
@@ -81,59 +70,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         opened = open_store(url)
         yield opened
         opened.close()
-
-
-def make_report(run_id: str = "run-a", epoch: int = 0, **fields: Any) -> Report:
-    values: dict[str, Any] = {
-        "train_loss": 0.5 - epoch / 100,
-        "current_lr": 0.01,
-        "initial_lr": 0.01,
-        "val_loss": 0.6 - epoch / 100,
-        "pseudo_dice": 0.7,
-        "avg_gradient_norm": 0.04,
-        "intervention_count": 0,
-        "loss_weights": frozen_map({"dice": 1.0, "ce": 1.0}),
-        "labels": LABELS,
-    }
-    values.update(fields)
-    return Report(run_id=run_id, epoch=epoch, **values)
-
-
-def make_decision(run_id: str = "run-a", epoch: int = 0, **fields: Any) -> Decision:
-    values: dict[str, Any] = {
-        "decision_id": f"d-{next(_ids)}",
-        "action": Action.NONE,
-        "source": Source.POLICY,
-        "reason": f"no plateau at epoch {epoch}",
-        "policy_version": "abc123def456",
-        "decided_at": T0 + timedelta(seconds=epoch),
-    }
-    values.update(fields)
-    return Decision(run_id=run_id, epoch=epoch, **values)
-
-
-def make_record(
-    run_id: str = "run-a",
-    epoch: int = 0,
-    *,
-    state: str | None = None,
-    report: Report | None = None,
-    **decision_fields: Any,
-) -> DecisionRecord:
-    return DecisionRecord(
-        report=report or make_report(run_id, epoch),
-        decision=make_decision(run_id, epoch, **decision_fields),
-        state=state if state is not None else f'{{"run": "{run_id}", "epoch": {epoch}}}',
-    )
-
-
-def make_policy(version: str = "v1", name: str = "default", **doc: Any) -> PolicyVersion:
-    return PolicyVersion(
-        version=version,
-        name=name,
-        document={"name": name, "plateau": {"patience": 3}, **doc},
-        created_at=T0,
-    )
 
 
 # --- decisions ----------------------------------------------------------------------
@@ -493,17 +429,6 @@ def test_a_closed_store_is_unavailable(store: Store) -> None:
 
 
 # --- overrides ----------------------------------------------------------------------
-
-
-def make_override(run_id: str = "run-a", at: int = 0, **fields: Any) -> Override:
-    values: dict[str, Any] = {
-        "actor": "alice",
-        "reason": "try a higher LR",
-        "lr": 0.02,
-        "created_at": T0 + timedelta(minutes=at),
-    }
-    values.update(fields)
-    return Override(run_id=run_id, **values)
 
 
 def test_set_override_stores_every_field_and_gives_an_id(store: Store) -> None:

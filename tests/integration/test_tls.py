@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from control_server.auth import Role
 from control_server.tokens import create_token
 from tests.certs import Certs, make_certs
-from tests.conftest import REPO, ServerProcess, ServerThread, report
+from tests.conftest import REPO, ServerProcess, ServerThread
+from tests.factories import epoch_report
 from trainer_client import ClientConfig, ControlClient, ControlUnauthorized, ControlUnavailable
 from trainer_client.api import control_pb2 as pb
 from trainer_client.client import open_channel
@@ -54,7 +55,7 @@ def test_a_client_with_the_ca_connects(tls_server: ServerThread, certs: Certs) -
     config = strict(tls_server.target, tls_ca=certs.ca)
     assert config.use_tls
     with ControlClient(config) as client:
-        decision = client.report(report("tls-run"))
+        decision = client.report(epoch_report("tls-run"))
     assert decision is not None and decision.action == pb.NONE
 
 
@@ -66,7 +67,7 @@ def test_a_client_without_the_ca_fails(tls_server: ServerThread, certs: Certs, h
         "another CA": strict(tls_server.target, tls_ca=certs.other_ca),
     }[how]
     with ControlClient(config) as client, pytest.raises(ControlUnavailable):
-        client.report(report("tls-run"))
+        client.report(epoch_report("tls-run"))
 
 
 def test_client_certificates_are_required_and_verified(
@@ -84,7 +85,7 @@ def test_client_certificates_are_required_and_verified(
     )
     assert health_check(with_cert) == health_pb2.HealthCheckResponse.SERVING
     with ControlClient(with_cert) as client:
-        assert client.report(report("mtls-run")) is not None
+        assert client.report(epoch_report("mtls-run")) is not None
 
 
 def test_a_client_certificate_from_another_ca_is_refused(
@@ -105,10 +106,10 @@ def test_a_client_certificate_from_another_ca_is_refused(
 def test_an_unreadable_tls_file_is_named(tls_server: ServerThread, tmp_path: Path) -> None:
     config = strict(tls_server.target, tls_ca=tmp_path / "missing-ca.pem")
     with ControlClient(config) as client, pytest.raises(Exception, match="TRAINCTL_TLS_CA"):
-        client.report(report("tls-run"))
+        client.report(epoch_report("tls-run"))
     # Failing open, the same error is one warning and no decision.
     with ControlClient(ClientConfig(target=tls_server.target, tls_ca=tmp_path / "x")) as client:
-        assert client.report(report("tls-run")) is None
+        assert client.report(epoch_report("tls-run")) is None
 
 
 def test_the_trainer_client_with_a_token_over_tls(
@@ -121,12 +122,12 @@ def test_the_trainer_client_with_a_token_over_tls(
     env = {"TRAINCTL_SERVER": server.target, "TRAINCTL_TLS_CA": str(certs.ca)}
     config = ClientConfig.from_env({**env, "TRAINCTL_TOKEN": trainer, "TRAINCTL_FAIL_OPEN": "0"})
     with ControlClient(config) as client:
-        decision = client.report(report("tok-run"))
+        decision = client.report(epoch_report("tok-run"))
     assert decision is not None and decision.run_id == "tok-run"
     for wrong in ({"TRAINCTL_TOKEN": operator}, {}):
         config = ClientConfig.from_env({**env, **wrong, "TRAINCTL_FAIL_OPEN": "0"})
         with ControlClient(config) as client, pytest.raises(ControlUnauthorized):
-            client.report(report("tok-run", epoch=1))
+            client.report(epoch_report("tok-run", epoch=1))
 
 
 def sim(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
