@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import control_server.policy as policy_pkg
-from control_server.domain import Action, Override, Report, Source, frozen_map
+from control_server.domain import Action, Override, Source, frozen_map
 from control_server.policy import (
     INITIAL_STATE,
     InterventionMark,
@@ -17,28 +17,13 @@ from control_server.policy import (
     parse_policy,
     step,
 )
+from tests.factories import policy_report
 
 VERSION = "v-test"
 DEFAULT = parse_policy({})
 WEIGHTS = frozen_map({"dice": 1.0, "ce": 1.0})
 DUE = PolicyState(best=0.30, num_bad_epochs=3, last_epoch=14)
 CALM = PolicyState(best=0.30, last_epoch=14)
-
-
-def report(epoch: int = 15, value: float = 0.3222, **fields: Any) -> Report:
-    values: dict[str, Any] = {
-        "run_id": "run-a",
-        "epoch": epoch,
-        "train_loss": value,
-        "val_loss": value,
-        "current_lr": 0.005,
-        "initial_lr": 0.01,
-        "avg_gradient_norm": 0.04,
-        "intervention_count": 0,
-        "loss_weights": WEIGHTS,
-    }
-    values.update(fields)
-    return Report(**values)
 
 
 def override(**fields: Any) -> Override:
@@ -49,7 +34,7 @@ def override(**fields: Any) -> Override:
 
 
 def test_override_sets_the_lr() -> None:
-    verdict, state = step(DEFAULT, VERSION, CALM, report(), override(lr=0.001))
+    verdict, state = step(DEFAULT, VERSION, CALM, policy_report(), override(lr=0.001))
     assert (verdict.action, verdict.source) == (Action.INTERVENE, Source.OVERRIDE)
     assert (verdict.lr, dict(verdict.loss_weights), verdict.intervention_index) == (0.001, {}, 0)
     assert verdict.reason == "Override by alice (testing a lower LR): LR 0.005 -> 0.001."
@@ -58,20 +43,22 @@ def test_override_sets_the_lr() -> None:
 
 
 def test_override_is_not_capped() -> None:
-    verdict, _ = step(DEFAULT, VERSION, CALM, report(), override(lr=0.5))
+    verdict, _ = step(DEFAULT, VERSION, CALM, policy_report(), override(lr=0.5))
     assert verdict.lr == 0.5
 
 
 def test_override_sets_the_weights() -> None:
     weights = frozen_map({"dice": 1.0, "focal": 0.5})
-    verdict, _ = step(DEFAULT, VERSION, CALM, report(), override(loss_weights=weights))
+    verdict, _ = step(DEFAULT, VERSION, CALM, policy_report(), override(loss_weights=weights))
     assert (verdict.action, verdict.source, verdict.lr) == (Action.INTERVENE, Source.OVERRIDE, None)
     assert dict(verdict.loss_weights) == {"dice": 1.0, "focal": 0.5}
     assert verdict.reason.endswith(": weights dice 1, focal 0.5.")
 
 
 def test_override_at_a_plateau_takes_its_place_without_using_the_budget() -> None:
-    verdict, state = step(DEFAULT, VERSION, DUE, report(), override(lr=0.001, loss_weights=WEIGHTS))
+    verdict, state = step(
+        DEFAULT, VERSION, DUE, policy_report(), override(lr=0.001, loss_weights=WEIGHTS)
+    )
     assert (verdict.source, verdict.intervention_index) == (Source.OVERRIDE, 0)
     assert verdict.reason == (
         "Override by alice (testing a lower LR): LR 0.005 -> 0.001 and weights ce 1, dice 1, "
@@ -82,7 +69,7 @@ def test_override_at_a_plateau_takes_its_place_without_using_the_budget() -> Non
 
 def test_hold_turns_a_plateau_into_none() -> None:
     hold = Override(run_id="run-a", actor="bob", reason="investigating", hold_interventions=True)
-    verdict, state = step(DEFAULT, VERSION, DUE, report(), hold)
+    verdict, state = step(DEFAULT, VERSION, DUE, policy_report(), hold)
     assert (verdict.action, verdict.source, verdict.lr) == (Action.NONE, Source.OVERRIDE, None)
     assert verdict.reason.startswith("Plateau: val_loss 0.3222 has not improved on best 0.3")
     assert verdict.reason.endswith("but automatic interventions are held by bob: investigating.")
@@ -91,8 +78,8 @@ def test_hold_turns_a_plateau_into_none() -> None:
 
 def test_hold_without_a_plateau_is_the_plain_policy() -> None:
     hold = Override(run_id="run-a", actor="bob", reason="", hold_interventions=True)
-    held, held_state = step(DEFAULT, VERSION, CALM, report(), hold)
-    plain, plain_state = step(DEFAULT, VERSION, CALM, report())
+    held, held_state = step(DEFAULT, VERSION, CALM, policy_report(), hold)
+    plain, plain_state = step(DEFAULT, VERSION, CALM, policy_report())
     assert (held, held_state) == (plain, plain_state)
     assert held.source is Source.POLICY
 
@@ -100,18 +87,18 @@ def test_hold_without_a_plateau_is_the_plain_policy() -> None:
 def test_hold_beats_a_spent_budget_stop() -> None:
     policy = parse_policy({"interventions": {"stop_when_exhausted": True}})
     hold = Override(run_id="run-a", actor="bob", reason="", hold_interventions=True)
-    verdict, _ = step(policy, VERSION, DUE, report(intervention_count=3), hold)
+    verdict, _ = step(policy, VERSION, DUE, policy_report(intervention_count=3), hold)
     assert (verdict.action, verdict.source) == (Action.NONE, Source.OVERRIDE)
     assert verdict.reason.endswith("held by bob.")
 
 
 def test_safety_beats_overrides() -> None:
-    verdict, _ = step(DEFAULT, VERSION, CALM, report(value=math.nan), override(lr=0.001))
+    verdict, _ = step(DEFAULT, VERSION, CALM, policy_report(value=math.nan), override(lr=0.001))
     assert (verdict.action, verdict.source) == (Action.STOP, Source.SAFETY)
     mark = InterventionMark(epoch=14, k=1, value=0.3, lr_before=0.002, weights_before=WEIGHTS)
     armed = PolicyState(best=0.3, mark=mark)
     verdict, _ = step(
-        DEFAULT, VERSION, armed, report(value=0.9, intervention_count=1), override(lr=0.001)
+        DEFAULT, VERSION, armed, policy_report(value=0.9, intervention_count=1), override(lr=0.001)
     )
     assert (verdict.action, verdict.source, verdict.lr) == (Action.ROLLBACK, Source.SAFETY, 0.002)
 
@@ -171,7 +158,7 @@ def test_state_from_bad_json_names_the_field(text: str, field: str) -> None:
 
 
 def test_decide_folds_the_reports_and_applies_the_override_last() -> None:
-    reports = [report(e, v) for e, v in enumerate([0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3])]
+    reports = [policy_report(e, v) for e, v in enumerate([0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3])]
     verdict = decide(DEFAULT, VERSION, reports)
     assert (verdict.action, verdict.intervention_index) == (Action.INTERVENE, 1)
     # An override passed to decide() applies to the last report only.
@@ -186,7 +173,7 @@ def test_decide_needs_a_report() -> None:
 
 
 def test_first_report_sets_the_best() -> None:
-    verdict, state = step(DEFAULT, VERSION, INITIAL_STATE, report(0, 0.7))
+    verdict, state = step(DEFAULT, VERSION, INITIAL_STATE, policy_report(0, 0.7))
     assert (verdict.action, verdict.source) == (Action.NONE, Source.POLICY)
     assert verdict.reason == "val_loss 0.7 sets the first best (warmup until epoch 5)."
     assert (state.best, state.last_epoch) == (0.7, 0)

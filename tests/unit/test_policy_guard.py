@@ -7,6 +7,7 @@ from typing import Any
 
 from control_server.domain import Action, Report, Source, frozen_map
 from control_server.policy import InterventionMark, PolicyState, parse_policy, step
+from tests.factories import policy_report
 
 VERSION = "v-test"
 DEFAULT = parse_policy({})
@@ -15,19 +16,8 @@ DUE = PolicyState(best=0.30, num_bad_epochs=3, last_epoch=14)
 
 
 def report(epoch: int, value: float, **fields: Any) -> Report:
-    values: dict[str, Any] = {
-        "run_id": "run-a",
-        "epoch": epoch,
-        "train_loss": 0.2,
-        "val_loss": value,
-        "current_lr": 0.005,
-        "initial_lr": 0.01,
-        "avg_gradient_norm": 0.04,
-        "intervention_count": 2,
-        "loss_weights": WEIGHTS,
-    }
-    values.update(fields)
-    return Report(**values)
+    """The val loss at `value`, the train loss steady at 0.2, two interventions behind."""
+    return policy_report(epoch, value, **{"train_loss": 0.2, "intervention_count": 2, **fields})
 
 
 def intervened() -> PolicyState:

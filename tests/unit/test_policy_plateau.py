@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control_server.domain import Action, Report, Source, Verdict, frozen_map
+from control_server.domain import Action, Report, Source, Verdict
 from control_server.policy import INITIAL_STATE, PolicyDoc, parse_policy, step
 from control_server.policy.plateau import is_better
+from tests.factories import policy_report
 
 VERSION = "v-test"
 
@@ -67,18 +68,8 @@ def doc(**plateau: Any) -> PolicyDoc:
 
 
 def report(epoch: int, value: float, **fields: Any) -> Report:
-    values: dict[str, Any] = {
-        "run_id": "run-a",
-        "epoch": epoch,
-        "train_loss": value,
-        "val_loss": value,
-        "current_lr": 0.001,
-        "initial_lr": 0.01,
-        "avg_gradient_norm": 0.2,
-        "loss_weights": frozen_map({"dice": 1.0, "ce": 1.0}),
-    }
-    values.update(fields)
-    return Report(**values)
+    """Both losses at `value`, the LR at 0.001 and the gradient norm at 0.2."""
+    return policy_report(epoch, value, **{"current_lr": 0.001, "avg_gradient_norm": 0.2, **fields})
 
 
 def run(policy: PolicyDoc, values: Sequence[float], **fields: Any) -> list[Verdict]:

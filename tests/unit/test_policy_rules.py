@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
-from control_server.domain import Action, Report, Source, frozen_map
+from control_server.domain import Action, Source, frozen_map
 from control_server.policy import INITIAL_STATE, PolicyDoc, PolicyState, parse_policy, step
 from control_server.policy.scaling import damping, lr_scale, plan_lr
 from control_server.policy.weights import mix_seed, plan_weights
+from tests.factories import policy_report
 
 VERSION = "v-test"
 DEFAULT = parse_policy({})
@@ -21,26 +22,10 @@ def doc(**sections: dict[str, Any]) -> PolicyDoc:
     return parse_policy(sections)
 
 
-def report(epoch: int = 15, value: float = 0.3222, **fields: Any) -> Report:
-    values: dict[str, Any] = {
-        "run_id": "run-a",
-        "epoch": epoch,
-        "train_loss": value,
-        "val_loss": value,
-        "current_lr": 0.005,
-        "initial_lr": 0.01,
-        "avg_gradient_norm": 0.04,
-        "intervention_count": 0,
-        "loss_weights": frozen_map({"dice": 1.0, "ce": 1.0}),
-    }
-    values.update(fields)
-    return Report(**values)
-
-
 def test_worked_example_from_the_spec() -> None:
     # Plateau at epoch 15, g = 0.04, LR 0.005, initial LR 0.01, k = 3:
     # 0.005 x 10 x 0.5 = 0.025, capped to 0.010.
-    verdict, _ = step(DEFAULT, VERSION, DUE, report(intervention_count=2))
+    verdict, _ = step(DEFAULT, VERSION, DUE, policy_report(intervention_count=2))
     assert verdict.action is Action.INTERVENE
     assert verdict.source is Source.POLICY
     assert verdict.intervention_index == 3
@@ -76,7 +61,9 @@ def test_lr_scale_buckets_and_exact_edges(g: float, scale: float) -> None:
 def test_missing_grad_norm_counts_as_0_1_so_5x() -> None:
     plan = plan_lr(DEFAULT.interventions, 1, None, 0.001, 0.01)
     assert (plan.grad_norm_used, plan.scale, plan.lr) == (0.1, 5.0, 0.005)
-    verdict, _ = step(DEFAULT, VERSION, DUE, report(avg_gradient_norm=None, current_lr=0.001))
+    verdict, _ = step(
+        DEFAULT, VERSION, DUE, policy_report(avg_gradient_norm=None, current_lr=0.001)
+    )
     assert verdict.lr == 0.005
     assert "grad norm missing (counted as 0.1) -> 5x" in verdict.reason
 
@@ -95,28 +82,30 @@ def test_damping_per_k_and_the_last_value_repeats(k: int, factor: float) -> None
     ("k", "lr"), [(1, 0.0001 * 10 * 1.0), (2, 0.0001 * 10 * 0.7), (3, 0.0001 * 10 * 0.5)]
 )
 def test_intervention_lr_applies_damping(k: int, lr: float) -> None:
-    verdict, _ = step(DEFAULT, VERSION, DUE, report(current_lr=0.0001, intervention_count=k - 1))
+    verdict, _ = step(
+        DEFAULT, VERSION, DUE, policy_report(current_lr=0.0001, intervention_count=k - 1)
+    )
     assert verdict.lr == lr
     assert "capped" not in verdict.reason
 
 
 def test_lr_is_capped_at_initial_lr_by_default() -> None:
-    verdict, _ = step(DEFAULT, VERSION, DUE, report(current_lr=0.005, initial_lr=0.02))
+    verdict, _ = step(DEFAULT, VERSION, DUE, policy_report(current_lr=0.005, initial_lr=0.02))
     assert verdict.lr == 0.02  # 0.005 x 10 x 1.0 = 0.05
     assert "(capped at max_lr 0.02)" in verdict.reason
 
 
 def test_lr_is_capped_at_the_documents_max_lr() -> None:
     policy = doc(interventions={"max_lr": 0.03})
-    verdict, _ = step(policy, VERSION, DUE, report(current_lr=0.005, initial_lr=0.01))
+    verdict, _ = step(policy, VERSION, DUE, policy_report(current_lr=0.005, initial_lr=0.01))
     assert verdict.lr == 0.03  # above initial_lr: the document's cap wins
-    verdict, _ = step(policy, VERSION, DUE, report(current_lr=0.002, initial_lr=0.01))
+    verdict, _ = step(policy, VERSION, DUE, policy_report(current_lr=0.002, initial_lr=0.01))
     assert verdict.lr == 0.02  # under the cap: not capped at initial_lr either
 
 
 def test_first_intervention_keeps_the_current_weights() -> None:
     weights = frozen_map({"dice": 1.0, "ce": 0.5})
-    verdict, _ = step(DEFAULT, VERSION, DUE, report(loss_weights=weights))
+    verdict, _ = step(DEFAULT, VERSION, DUE, policy_report(loss_weights=weights))
     assert verdict.intervention_index == 1
     assert dict(verdict.loss_weights) == {"ce": 0.5, "dice": 1.0}
     assert "weights kept (ce 0.5, dice 1)." in verdict.reason
@@ -134,7 +123,7 @@ def test_second_intervention_draws_a_seeded_mix() -> None:
         for i in range(200)
     }
     assert len(drawn) == len(cfg.random_mixes)
-    verdict, _ = step(DEFAULT, VERSION, DUE, report(intervention_count=1))
+    verdict, _ = step(DEFAULT, VERSION, DUE, policy_report(intervention_count=1))
     assert verdict.intervention_index == 2
     assert dict(verdict.loss_weights) == dict(first.weights)
     assert "(seeded draw: mix " in verdict.reason
@@ -152,7 +141,7 @@ def test_mix_seed_is_a_fixed_sha256_number() -> None:
 
 def test_final_intervention_takes_the_final_mix() -> None:
     policy = doc(interventions={"max_interventions": 4, "final_mix": {"dice": 1, "ce": 1}})
-    verdict, _ = step(policy, VERSION, DUE, report(intervention_count=3))
+    verdict, _ = step(policy, VERSION, DUE, policy_report(intervention_count=3))
     assert verdict.intervention_index == 4
     assert dict(verdict.loss_weights) == {"ce": 1.0, "dice": 1.0}
     assert "(final mix)" in verdict.reason
@@ -160,36 +149,36 @@ def test_final_intervention_takes_the_final_mix() -> None:
 
 def test_a_budget_of_one_keeps_the_weights() -> None:
     policy = doc(interventions={"max_interventions": 1})
-    verdict, _ = step(policy, VERSION, DUE, report())
+    verdict, _ = step(policy, VERSION, DUE, policy_report())
     assert dict(verdict.loss_weights) == {"ce": 1.0, "dice": 1.0}
 
 
 def test_spent_budget_decides_none_and_resets_the_count() -> None:
-    verdict, state = step(DEFAULT, VERSION, DUE, report(intervention_count=3))
+    verdict, state = step(DEFAULT, VERSION, DUE, policy_report(intervention_count=3))
     assert (verdict.action, verdict.source, verdict.lr) == (Action.NONE, Source.POLICY, None)
     assert "the budget of 3 interventions is spent" in verdict.reason
     assert (state.num_bad_epochs, state.cooldown_left, state.mark) == (0, 0, None)
     # The next bad epoch does not re-announce the plateau.
-    verdict, _ = step(DEFAULT, VERSION, state, report(16, 0.33, intervention_count=3))
+    verdict, _ = step(DEFAULT, VERSION, state, policy_report(16, 0.33, intervention_count=3))
     assert "for 1 of 3 epochs" in verdict.reason
 
 
 def test_spent_budget_stops_when_configured() -> None:
     policy = doc(interventions={"stop_when_exhausted": True})
-    verdict, _ = step(policy, VERSION, DUE, report(intervention_count=3))
+    verdict, _ = step(policy, VERSION, DUE, policy_report(intervention_count=3))
     assert (verdict.action, verdict.source) == (Action.STOP, Source.POLICY)
     assert "spent; stopping." in verdict.reason
 
 
 def test_zero_budget_never_intervenes() -> None:
     policy = doc(interventions={"max_interventions": 0})
-    verdict, _ = step(policy, VERSION, DUE, report())
+    verdict, _ = step(policy, VERSION, DUE, policy_report())
     assert verdict.action is Action.NONE
     assert "the budget of 0 interventions is spent" in verdict.reason
 
 
 def test_intervention_sets_cooldown_and_a_guard_mark() -> None:
-    _, state = step(DEFAULT, VERSION, DUE, report(intervention_count=2))
+    _, state = step(DEFAULT, VERSION, DUE, policy_report(intervention_count=2))
     assert (state.num_bad_epochs, state.cooldown_left) == (0, 2)
     assert state.mark is not None
     assert (state.mark.epoch, state.mark.k, state.mark.value, state.mark.lr_before) == (
