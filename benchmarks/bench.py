@@ -55,7 +55,7 @@ from trainer_client.api import control_pb2_grpc as pb_grpc
 from trainer_client.sim import SimulatedRun
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_POLICY = REPO / "control_server" / "policies" / "default.yaml"
+DEFAULT_POLICY = REPO / "control_server" / "builtin_policies" / "default.yaml"
 START_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 10.0
 LISTEN = "127.0.0.1:0"

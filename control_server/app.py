@@ -15,7 +15,8 @@ from control_server.audit import AuditInterceptor
 from control_server.auth import AuthInterceptor
 from control_server.decider import Decider
 from control_server.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
-from control_server.policy.document import PolicyDoc, default_policy, load_policy_file
+from control_server.policy.document import PolicyDoc
+from control_server.policy_files import default_policy, load_policy_file
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
 from control_server.store import Store, open_store
 from control_server.store.factory import redact_url

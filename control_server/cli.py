@@ -14,7 +14,8 @@ from control_server import logs
 from control_server.app import ServerConfig, start_server
 from control_server.auth import Role
 from control_server.domain import Decision, DomainError
-from control_server.policy.document import PolicyDoc, load_policy_file
+from control_server.policy.document import PolicyDoc
+from control_server.policy_files import load_policy_file
 from control_server.replay import replay_store
 from control_server.report_epoch import PolicyCache
 from control_server.store import open_store

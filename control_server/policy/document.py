@@ -13,16 +13,12 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from control_server.domain import InvalidArgument
 from trainer_client.vocabulary import LossWeightError, check_loss_weights
-
-DEFAULT_POLICY_RESOURCE = "default.yaml"
 
 
 class PolicyError(InvalidArgument):
@@ -159,24 +155,12 @@ def parse_policy(data: Any) -> PolicyDoc:
     return PolicyDoc(name, description, plateau, interventions, guard)
 
 
-def load_policy_file(path: str | Path) -> PolicyDoc:
-    """Read and validate a YAML policy file."""
-    text = Path(path).read_text(encoding="utf-8")
-    return parse_policy_yaml(text)
-
-
 def parse_policy_yaml(text: str) -> PolicyDoc:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyError("policy", f"not valid YAML: {exc}") from exc
     return parse_policy(data)
-
-
-def default_policy() -> PolicyDoc:
-    """The policy shipped with the package (the spec's defaults)."""
-    text = resources.files("control_server.policies").joinpath(DEFAULT_POLICY_RESOURCE).read_text()
-    return parse_policy_yaml(text)
 
 
 # --- field validation -------------------------------------------------------

@@ -109,7 +109,7 @@ def step(
     return verdict, replace(plateau.reset(cfg, obs.state, cooldown=True), mark=mark)
 
 
-def decide(
+def last_verdict(
     doc: PolicyDoc,
     version: str,
     reports: Sequence[Report],
@@ -118,7 +118,7 @@ def decide(
     """The verdict for the last report: fold step() over the earlier ones without
     an override, then step the last one with `override`."""
     if not reports:
-        raise ValueError("decide() needs at least one report, but got none.")
+        raise ValueError("last_verdict() needs at least one report, but got none.")
     state = INITIAL_STATE
     for report in reports[:-1]:
         _, state = step(doc, version, state, report)

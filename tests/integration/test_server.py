@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from control_server.policy.document import default_policy
+from control_server.policy_files import default_policy
 from tests.conftest import ServerThread, Stubs
 from tests.factories import epoch_report
 from trainer_client.api import control_pb2 as pb

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from control_server.policy import PolicyError, default_policy, parse_policy, parse_policy_yaml
-from control_server.policy.document import load_policy_file
+from control_server.policy import PolicyError, parse_policy, parse_policy_yaml
+from control_server.policy_files import default_policy, load_policy_file
 
 
 def test_the_shipped_default_is_the_spec() -> None:

@@ -1,4 +1,4 @@
-"""Overrides, the state's JSON form, decide() and the package's exports."""
+"""Overrides, the state's JSON form, last_verdict() and the package's exports."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from control_server.policy import (
     INITIAL_STATE,
     InterventionMark,
     PolicyState,
-    decide,
+    last_verdict,
     parse_policy,
     step,
 )
@@ -154,22 +154,22 @@ def test_state_from_bad_json_names_the_field(text: str, field: str) -> None:
         PolicyState.from_json(text)
 
 
-# --- decide -----------------------------------------------------------------
+# --- last_verdict -----------------------------------------------------------------
 
 
-def test_decide_folds_the_reports_and_applies_the_override_last() -> None:
+def test_last_verdict_folds_the_reports_and_applies_the_override_last() -> None:
     reports = [policy_report(e, v) for e, v in enumerate([0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3])]
-    verdict = decide(DEFAULT, VERSION, reports)
+    verdict = last_verdict(DEFAULT, VERSION, reports)
     assert (verdict.action, verdict.intervention_index) == (Action.INTERVENE, 1)
-    # An override passed to decide() applies to the last report only.
-    assert decide(DEFAULT, VERSION, reports, override(lr=0.001)).source is Source.OVERRIDE
-    assert decide(DEFAULT, VERSION, reports[:-1], override(lr=0.001)).lr == 0.001
-    assert decide(DEFAULT, VERSION, reports[:-1]).action is Action.NONE
+    # An override passed to last_verdict() applies to the last report only.
+    assert last_verdict(DEFAULT, VERSION, reports, override(lr=0.001)).source is Source.OVERRIDE
+    assert last_verdict(DEFAULT, VERSION, reports[:-1], override(lr=0.001)).lr == 0.001
+    assert last_verdict(DEFAULT, VERSION, reports[:-1]).action is Action.NONE
 
 
-def test_decide_needs_a_report() -> None:
+def test_last_verdict_needs_a_report() -> None:
     with pytest.raises(ValueError, match="at least one report"):
-        decide(DEFAULT, VERSION, [])
+        last_verdict(DEFAULT, VERSION, [])
 
 
 def test_first_report_sets_the_best() -> None:

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from control_server.domain import Action, Override, Report, Source, Verdict, frozen_map
-from control_server.policy import INITIAL_STATE, PolicyDoc, PolicyState, decide, parse_policy, step
+from control_server.policy import (
+    INITIAL_STATE,
+    PolicyDoc,
+    PolicyState,
+    last_verdict,
+    parse_policy,
+    step,
+)
 
 VERSION = "v-prop"
 SETTINGS = settings(max_examples=200, deadline=None, database=None)
@@ -161,12 +168,12 @@ def test_lr_bounds_and_json_state_round_trip(doc: PolicyDoc, run: list[Epoch]) -
 
 @given(doc=policies(), run=runs, last_override=overrides, data=st.data())
 @SETTINGS
-def test_decide_is_deterministic_and_equals_the_fold(
+def test_last_verdict_is_deterministic_and_equals_the_fold(
     doc: PolicyDoc, run: list[Epoch], last_override: Override | None, data: st.DataObject
 ) -> None:
     reports, verdicts = simulate(doc, run, with_overrides=False, via_json=False)
     n = data.draw(st.integers(1, len(reports)), label="prefix")
-    assert decide(doc, VERSION, reports[:n]) == verdicts[n - 1]
-    assert decide(doc, VERSION, reports) == verdicts[-1]
-    first = decide(doc, VERSION, reports, last_override)
-    assert decide(doc, VERSION, list(reports), last_override) == first
+    assert last_verdict(doc, VERSION, reports[:n]) == verdicts[n - 1]
+    assert last_verdict(doc, VERSION, reports) == verdicts[-1]
+    first = last_verdict(doc, VERSION, reports, last_override)
+    assert last_verdict(doc, VERSION, list(reports), last_override) == first
