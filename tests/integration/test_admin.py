@@ -17,7 +17,8 @@ import pytest
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control_server.policy.document import default_policy, parse_policy
+from control_server.policy.document import parse_policy
+from control_server.policy_files import default_policy
 from tests.conftest import ServerThread, Stubs
 from tests.integration.test_cli import cli
 from trainer_client.api import control_pb2 as pb

@@ -22,7 +22,8 @@ import pytest
 from control_server import ctl
 from control_server.auth import Role
 from control_server.ctl.render import EXPORT_FIELDS
-from control_server.policy.document import default_policy, parse_policy_yaml
+from control_server.policy.document import parse_policy_yaml
+from control_server.policy_files import default_policy
 from control_server.tokens import create_token
 from tests.certs import make_certs
 from tests.conftest import REPO, ServerThread
