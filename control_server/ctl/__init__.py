@@ -5,7 +5,8 @@ TRAINCTL_SERVER, TRAINCTL_TOKEN and TRAINCTL_TLS / _TLS_CA / _TLS_CERT / _TLS_KE
 ``--server`` and ``--token-file`` take precedence. A gRPC error prints
 ``controlctl: CODE: details`` on stderr and exits 2 (a bad request: invalid
 argument, not found), 3 (unauthenticated, permission denied) or 1 (anything
-else, e.g. the server is unreachable).
+else, e.g. the server is unreachable), as the one table of status codes
+(`trainer_client.errors.STATUSES`) says.
 
 `parser` builds the argument tree, `commands` holds one function per command,
 `render` what they print and `plot` the ``run --plot`` PNG (matplotlib).
@@ -27,20 +28,9 @@ from control_server.ctl.parser import build_parser
 from trainer_client.api import control_pb2_grpc as pb_grpc
 from trainer_client.client import open_channel
 from trainer_client.config import ClientConfig
-from trainer_client.errors import ControlError
+from trainer_client.errors import ControlError, exit_code
 
 __all__ = ["build_parser", "client_config", "exit_code", "main"]
-
-_CLIENT_ERRORS = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-    }
-)
-_AUTH_ERRORS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 def client_config(args: argparse.Namespace, env: Mapping[str, str]) -> ClientConfig:
@@ -58,15 +48,6 @@ def client_config(args: argparse.Namespace, env: Mapping[str, str]) -> ClientCon
         except ValueError as error:
             raise UsageError(f"--token-file {args.token_file}: {error}") from None
     return config
-
-
-def exit_code(code: grpc.StatusCode) -> int:
-    """2 for a bad request, 3 for a refused caller, 1 for the rest."""
-    if code in _CLIENT_ERRORS:
-        return 2
-    if code in _AUTH_ERRORS:
-        return 3
-    return 1
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

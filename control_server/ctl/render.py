@@ -14,9 +14,9 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from control_server.domain import LOSS_COMPONENTS
 from control_server.policy.document import PolicyError, integer_fields, parse_policy
 from trainer_client.api import control_pb2 as pb
+from trainer_client.vocabulary import LABEL_KEYS, LOSS_COMPONENTS, SELECTOR_KEYS
 
 __all__ = [
     "EXPORT_FIELDS",
@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 _INTEGER_FIELDS = tuple(tuple(path.split(".")) for path in sorted(integer_fields()))
-_LABEL_KEYS = ("dataset", "configuration", "fold", "trainer", "plans", "host")
 #: The columns of a decision export, CSV and JSONL alike.
 EXPORT_FIELDS = (
     "decided_at",
@@ -107,7 +106,7 @@ def selector_text(selector: pb.RunSelector) -> str:
     """``dataset=X,configuration=2d`` (its non-empty fields)."""
     parts = [
         f"{name}={getattr(selector, name)}"
-        for name in ("dataset", "configuration", "fold")
+        for name in SELECTOR_KEYS
         if getattr(selector, name)
     ]
     return ",".join(parts) or "(every run)"
@@ -166,7 +165,7 @@ def run_text(response: pb.GetRunResponse) -> str:
     """A run's summary, its timeline, its shadow decisions and its overrides."""
     run = response.run
     labels = " ".join(
-        f"{k}={getattr(run.labels, k)}" for k in _LABEL_KEYS if getattr(run.labels, k)
+        f"{k}={getattr(run.labels, k)}" for k in LABEL_KEYS if getattr(run.labels, k)
     )
     parts = [
         f"run            {run.run_id}\n"
