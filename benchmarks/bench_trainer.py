@@ -39,7 +39,7 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 def bench_steps(work: Path, steps: int, threads: int) -> tuple[str, bool]:
     """Time train_step with and without the capture; return the summary and the verdict."""
-    from trainer_client.synthetic import make_disc_dataset, nnunet_env, plan_and_preprocess
+    from trainer_client.nnunet.synthetic import make_disc_dataset, nnunet_env, plan_and_preprocess
 
     env = nnunet_env(work / "nnunet")
     make_disc_dataset(Path(env["nnUNet_raw"]), DATASET_ID)

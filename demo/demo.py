@@ -164,7 +164,7 @@ def train(target: str, env: dict[str, str], epochs: int, iterations: int, log: P
 def real(work: Path, epochs: int, iterations: int) -> int:
     """The real demo; returns the exit code."""
     from control_server.ctl.plot import format_timeline, plot_run, timeline_rows
-    from trainer_client.synthetic import make_disc_dataset, nnunet_env, plan_and_preprocess
+    from trainer_client.nnunet.synthetic import make_disc_dataset, nnunet_env, plan_and_preprocess
 
     started = time.monotonic()
     fresh(work)

@@ -21,7 +21,7 @@ import torch
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 from trainer_client.nnunet import build_trainer, nnUNetTrainerControlled
-from trainer_client.synthetic import make_disc_dataset, nnunet_env, plan_and_preprocess
+from trainer_client.nnunet.synthetic import make_disc_dataset, nnunet_env, plan_and_preprocess
 
 DATASET_ID = 42
 ITERATIONS = 5

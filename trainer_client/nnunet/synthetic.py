@@ -4,7 +4,8 @@
 cases read by nnU-Net's natural-image reader, one label (the disc).
 `plan_and_preprocess` runs ``nnUNetv2_plan_and_preprocess`` for the ``2d``
 configuration in a subprocess, with one worker (it peaks at about 1.6 GB).
-Needs numpy and Pillow (both come with nnunetv2), not torch.
+Needs numpy and Pillow (both come with nnunetv2), not torch: it imports nothing else of
+this package, so it loads before (and without) the trainer.
 """
 
 from __future__ import annotations

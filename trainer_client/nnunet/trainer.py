@@ -1,51 +1,20 @@
-"""nnU-Net v2 under training control: `nnUNetTrainerControlled` and ``trainctl-nnunet``.
+"""`nnUNetTrainerControlled`: an nnUNetTrainer that reports every epoch and obeys.
 
-The only module of the project that imports torch or nnunetv2. The trainer is
-an `nnUNetTrainer` with the base ``__init__`` signature, configured through the
-environment (``TRAINCTL_SERVER``, ``TRAINCTL_TOKEN``, ``TRAINCTL_RUN_ID``,
-``TRAINCTL_DEADLINE_S``, ``TRAINCTL_FAIL_OPEN``; see `ClientConfig.from_env`).
-After every epoch it reports to the control server and applies the decision at
-the epoch boundary:
-
-- gradient norm: ``train_step`` keeps the pre-clip total norm that
-  ``clip_grad_norm_`` returns as a device tensor; the epoch mean (non-finite
-  steps left out) is computed once per epoch, so no step waits on the device;
-- loss: `CompositeLoss`, a weighted sum of ``dice`` (nnU-Net's soft Dice),
-  ``ce``, ``focal`` and ``variance`` under nnU-Net's deep supervision. Every
-  scale yields the loss with the optimizer's weights and with the run's
-  reference (initial) weights from one evaluation of the components; reports
-  and nnU-Net's own ``train_losses``/``val_losses`` use the reference ones;
-- LR: PolyLR's base is rescaled so that the next epoch runs at exactly the
-  decided LR and the decay goes on from there;
-- ROLLBACK restores the snapshot (network, optimizer, grad scaler, control
-  state) taken before the intervention it undoes. It is kept in memory and,
-  by rank 0, in ``checkpoint_before_intervention.pth`` in the output folder,
-  so that a run resumed with ``--c`` can still roll back: the checkpoint's
-  control state names the epoch of the snapshot it expects, and a file of
-  another epoch or run is not used. STOP ends the training with the final
-  checkpoint;
-- the control state is logged once per epoch in nnU-Net's logger, which every
-  checkpoint saves, so ``--c`` resumes with the same run id, intervention
-  count, LR and weights;
-- under DDP only rank 0 talks to the server; the decision is broadcast and
-  every rank applies it.
-
-``trainctl-nnunet D C F [--c]`` builds the trainer directly, without nnU-Net's
-search by name (which imports torchvision, broken beside a CPU-only torch).
+After nnU-Net has logged an epoch, the trainer reports it to the control
+server (rank 0 only) and applies the decision at the epoch boundary: the next
+epoch's LR (PolyLR's base is rescaled so that the next epoch runs at exactly
+the decided LR and the decay goes on from there), the loss weights of its
+`CompositeLoss`, a ROLLBACK to the `Snapshot` taken before the intervention
+it undoes, or STOP. The control state is logged once per epoch in nnU-Net's
+logger, which every checkpoint saves, so a resumed run keeps its run id,
+intervention count, LR and weights.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
-import logging
 import math
-import multiprocessing
 import os
-import pickle
 import socket
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,231 +22,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, load_json
-from nnunetv2.paths import nnUNet_preprocessed
-from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-from nnunetv2.utilities.helpers import dummy_context, softmax_helper_dim1
+from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
-from torch import distributed as dist
 
 from trainer_client.api import control_pb2
 from trainer_client.client import DEFAULT_LOSS_WEIGHTS, ControlClient, RunState
 from trainer_client.config import ClientConfig
+from trainer_client.nnunet.ddp import rank_zero_first, share_decision
+from trainer_client.nnunet.loss import CompositeLoss, LossTerms, check_loss_weights
+from trainer_client.nnunet.snapshot import (
+    SNAPSHOT_FILE,
+    SNAPSHOT_READ_ERRORS,
+    Snapshot,
+    bare_network,
+    load_snapshot,
+    restore_snapshot,
+    save_snapshot,
+    take_snapshot,
+)
 
 __all__ = [
     "CONTROL_LOG_KEY",
-    "LOSS_COMPONENTS",
-    "SNAPSHOT_FILE",
-    "CompositeLoss",
     "ControlEvent",
-    "LossTerms",
-    "build_trainer",
     "default_run_id",
-    "focal_loss",
-    "main",
     "mean_finite",
     "nnUNetTrainerControlled",
-    "region_variance_loss",
-    "share_decision",
 ]
 
-logger = logging.getLogger(__name__)
-
-#: The loss components the trainer implements (the server knows the same names).
-LOSS_COMPONENTS: tuple[str, ...] = ("dice", "ce", "focal", "variance")
 #: The key of the control state in nnU-Net's logger (saved in every checkpoint).
 CONTROL_LOG_KEY = "training_control"
-#: The snapshot taken before the latest intervention, in the output folder (rank 0).
-SNAPSHOT_FILE = "checkpoint_before_intervention.pth"
 
-# DC_and_CE_loss computes ``weight_ce * ce + weight_dice * dc``: summing in the
-# same order makes {dice 1, ce 1} give its value to the last bit.
-_SUM_ORDER = ("ce", "dice", "focal", "variance")
-_FOCAL_GAMMA = 2.0
 _PREFIX = "training control:"
-
-
-# --- the composite loss ------------------------------------------------------------------
-
-
-def check_loss_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    """A validated copy of a weight map; `ValueError` naming the problem otherwise."""
-    unknown = sorted(set(weights) - set(LOSS_COMPONENTS))
-    if unknown:
-        raise ValueError(
-            f"unknown loss component(s) {', '.join(unknown)}; "
-            f"expected one of {', '.join(LOSS_COMPONENTS)}"
-        )
-    checked = {name: float(w) for name, w in weights.items()}
-    if any(not (math.isfinite(w) and w >= 0) for w in checked.values()):
-        raise ValueError(f"loss weights must be finite and >= 0, but got {checked}")
-    if not any(checked.values()):
-        raise ValueError(f"loss weights must not all be 0, but got {checked}")
-    return checked
-
-
-def focal_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    gamma: float = _FOCAL_GAMMA,
-) -> torch.Tensor:
-    """Multi-class softmax focal loss, mean over (unmasked) voxels.
-
-    ``-(1 - p_t) ** gamma * log(p_t)``, where p_t is the softmax probability of
-    the true class; `target` holds class indices, shape (b, 1, ...).
-    """
-    log_p = torch.log_softmax(logits.float(), dim=1)
-    log_pt = log_p.gather(1, target.long())
-    loss = -((1.0 - log_pt.exp()) ** gamma) * log_pt
-    if mask is None:
-        return loss.mean()
-    weight = mask.to(loss.dtype)
-    return (loss * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def region_variance_loss(
-    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean over foreground classes of the variance of the predicted probability of
-    the class inside its ground-truth region (over the whole batch).
-
-    Classes absent from the batch are left out (0 when none is present). No
-    host sync: absent classes are masked, not filtered.
-    """
-    probs = torch.softmax(logits.float(), dim=1)
-    with torch.no_grad():
-        onehot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
-        if mask is not None:
-            onehot = onehot * mask.to(onehot.dtype)
-    probs, onehot = probs[:, 1:], onehot[:, 1:]
-    axes = [0, *range(2, probs.ndim)]
-    count = onehot.sum(axes)
-    n = count.clamp_min(1.0)
-    mean = (probs * onehot).sum(axes) / n
-    shape = [1, -1] + [1] * (probs.ndim - 2)
-    variance = (onehot * (probs - mean.view(shape)) ** 2).sum(axes) / n
-    present = (count > 0).to(variance.dtype)
-    return (variance * present).sum() / present.sum().clamp_min(1.0)
-
-
-class LossTerms(nn.Module):
-    """Every loss component at one scale; returns ``[optimizer loss, reference loss]``.
-
-    The components are evaluated once (only those with a weight in either map)
-    and combined with both weight maps. ``dice`` and ``ce`` are nnU-Net's own
-    modules with the settings of its default ``DC_and_CE_loss``, ignore label
-    included.
-    """
-
-    def __init__(
-        self,
-        *,
-        batch_dice: bool,
-        ignore_label: int | None,
-        ddp: bool,
-        weights: Mapping[str, float],
-        reference_weights: Mapping[str, float],
-    ) -> None:
-        super().__init__()
-        ce_kwargs: dict[str, Any] = {} if ignore_label is None else {"ignore_index": ignore_label}
-        self.ce = RobustCrossEntropyLoss(**ce_kwargs)
-        self.dc = MemoryEfficientSoftDiceLoss(
-            apply_nonlin=softmax_helper_dim1,
-            batch_dice=batch_dice,
-            smooth=1e-5,
-            do_bg=False,
-            ddp=ddp,
-        )
-        self.ignore_label = ignore_label
-        self.weights = check_loss_weights(weights)
-        self.reference_weights = check_loss_weights(reference_weights)
-
-    def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        mask: torch.Tensor | None = None
-        target_dice = target
-        if self.ignore_label is not None:
-            # As DC_and_CE_loss: ignored voxels get label 0 and no gradient.
-            mask = target != self.ignore_label
-            target_dice = torch.where(mask, target, 0)
-        needed = {n for n, w in (*self.weights.items(), *self.reference_weights.items()) if w}
-        values: dict[str, torch.Tensor] = {}
-        if "dice" in needed:
-            values["dice"] = self.dc(net_output, target_dice, loss_mask=mask)
-        if "ce" in needed and (mask is None or bool(mask.sum() > 0)):
-            values["ce"] = self.ce(net_output, target[:, 0])
-        if "focal" in needed:
-            values["focal"] = focal_loss(net_output, target_dice, mask)
-        if "variance" in needed:
-            values["variance"] = region_variance_loss(net_output, target_dice, mask)
-        return torch.stack(
-            [
-                _weighted_sum(values, self.weights, net_output),
-                _weighted_sum(values, self.reference_weights, net_output),
-            ]
-        )
-
-
-def _weighted_sum(
-    values: Mapping[str, torch.Tensor], weights: Mapping[str, float], like: torch.Tensor
-) -> torch.Tensor:
-    total: torch.Tensor | None = None
-    for name in _SUM_ORDER:
-        weight = weights.get(name, 0.0)
-        if weight and name in values:
-            term = weight * values[name].float()
-            total = term if total is None else total + term
-    # Nothing to weigh (only ce, and every voxel ignored): 0, still on the graph.
-    return total if total is not None else (like.float() * 0.0).sum()
-
-
-class CompositeLoss(nn.Module):
-    """nnU-Net's loss slot: the weighted components under deep supervision.
-
-    Calling it returns the loss with the optimizer's weights (or, while
-    `use_reference` is set, as during validation, with the reference weights);
-    `pair` returns both. `DeepSupervisionWrapper` calls the one `LossTerms`
-    object at every scale, so `set_weights` changes every scale at once.
-    """
-
-    def __init__(self, terms: LossTerms, deep_supervision_weights: Sequence[float] | None) -> None:
-        super().__init__()
-        self.terms = terms
-        self.scales: nn.Module = (
-            DeepSupervisionWrapper(terms, deep_supervision_weights)
-            if deep_supervision_weights is not None
-            else terms
-        )
-        self.use_reference = False
-
-    @property
-    def weights(self) -> dict[str, float]:
-        """The weights the optimizer's loss uses."""
-        return dict(self.terms.weights)
-
-    @property
-    def reference_weights(self) -> dict[str, float]:
-        """The run's reference weights (reported losses use them)."""
-        return dict(self.terms.reference_weights)
-
-    def set_weights(self, weights: Mapping[str, float]) -> None:
-        """Use `weights` from the next call on; `ValueError` (and no change) if invalid."""
-        self.terms.weights = check_loss_weights(weights)
-
-    def set_reference_weights(self, weights: Mapping[str, float]) -> None:
-        self.terms.reference_weights = check_loss_weights(weights)
-
-    def pair(self, net_output: Any, target: Any) -> torch.Tensor:
-        """``[loss with the optimizer's weights, loss with the reference weights]``."""
-        result: torch.Tensor = self.scales(net_output, target)
-        return result
-
-    def forward(self, net_output: Any, target: Any) -> torch.Tensor:
-        return self.pair(net_output, target)[1 if self.use_reference else 0]
 
 
 def mean_finite(values: Sequence[torch.Tensor]) -> float | None:
@@ -294,29 +71,6 @@ def mean_finite(values: Sequence[torch.Tensor]) -> float | None:
     return total / count if count else None
 
 
-# --- decisions across ranks --------------------------------------------------------------
-
-
-def share_decision(
-    decision: control_pb2.Decision | None, error: str | None = None
-) -> control_pb2.Decision | None:
-    """Broadcast rank 0's decision (or its failure) to every rank; identity without DDP.
-
-    Every rank calls this after rank 0 reported. A failure on rank 0 (with
-    fail-open off) raises on every rank instead of leaving the others waiting.
-    """
-    if dist.is_available() and dist.is_initialized():
-        payload: list[Any] = [
-            (decision.SerializeToString() if decision is not None else None, error)
-        ]
-        dist.broadcast_object_list(payload, src=0)
-        data, error = payload[0]
-        decision = control_pb2.Decision.FromString(data) if data is not None else None
-    if error is not None:
-        raise RuntimeError(f"{_PREFIX} rank 0 failed to report: {error}")
-    return decision
-
-
 # --- the trainer -------------------------------------------------------------------------
 
 
@@ -328,19 +82,6 @@ def default_run_id(dataset: str, trainer: str, plans: str, configuration: str, f
     a folder share it too.
     """
     return f"{dataset}__{trainer}__{plans}__{configuration}__fold_{fold}"
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    """What ROLLBACK restores: taken right before an intervention is applied."""
-
-    run_id: str
-    epoch: int
-    network: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    grad_scaler: dict[str, Any] | None
-    lr_base: float
-    loss_weights: dict[str, float]
 
 
 @dataclass
@@ -385,11 +126,11 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         #: One entry per reported epoch, in order.
         self.control_events: list[ControlEvent] = []
         #: The snapshot the last ROLLBACK restored (None until one did).
-        self.last_rollback: _Snapshot | None = None
+        self.last_rollback: Snapshot | None = None
         self._grad_norms: list[torch.Tensor] = []
         self._client: ControlClient | None = None
         self._run: RunState | None = None
-        self._snapshot: _Snapshot | None = None
+        self._snapshot: Snapshot | None = None
         #: The epoch of the intervention a ROLLBACK would undo (None: nothing to undo);
         #: saved in the control state, so a resumed run knows which snapshot file is its.
         self._snapshot_epoch: int | None = None
@@ -468,15 +209,8 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         splits_final.json writes it, so a rank could read it half written
         (seen: JSONDecodeError on rank 1): here rank 0 writes it while the others
         wait, then they read it."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        with rank_zero_first():
             return super().do_split()  # type: ignore[no-any-return]
-        if dist.get_rank() != 0:
-            dist.barrier()
-            return super().do_split()  # type: ignore[no-any-return]
-        try:
-            return super().do_split()  # type: ignore[no-any-return]
-        finally:
-            dist.barrier()
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -778,10 +512,12 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
                 "intervention it undoes; only the LR and loss weights are restored"
             )
         else:
-            self._bare_network().load_state_dict(snapshot.network)
-            self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
-            if self.grad_scaler is not None and snapshot.grad_scaler is not None:
-                self.grad_scaler.load_state_dict(snapshot.grad_scaler)
+            restore_snapshot(
+                snapshot,
+                network=self._bare_network(),
+                optimizer=self.optimizer,
+                grad_scaler=self.grad_scaler,
+            )
             self.lr_scheduler.initial_lr = snapshot.lr_base
             if isinstance(self.loss, CompositeLoss):
                 self.loss.set_weights(snapshot.loss_weights)
@@ -793,21 +529,17 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
             )
         self._take_lr_and_weights(decision)
 
-    def _save_snapshot(self, snapshot: _Snapshot) -> None:
+    def _save_snapshot(self, snapshot: Snapshot) -> None:
         """Rank 0 writes the snapshot next to the checkpoints (atomically: a crash
         mid-write leaves the previous file). A failure costs only the rollback after
         a restart, so it is logged, not raised."""
         if self.local_rank != 0:
             return
         path = join(self.output_folder, SNAPSHOT_FILE)
-        partial = path + ".partial"
         started = time.perf_counter()
         try:
-            torch.save(vars(snapshot), partial)
-            os.replace(partial, path)
+            save_snapshot(snapshot, path)
         except (OSError, RuntimeError) as error:
-            with contextlib.suppress(OSError):
-                os.remove(partial)  # a full disk should not stay fuller
             self.print_to_log_file(
                 f"{_PREFIX} WARNING: could not save the snapshot of epoch {snapshot.epoch} to "
                 f"{path}: {error}; a ROLLBACK after a restart will restore only LR and weights"
@@ -818,7 +550,7 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
             f"({time.perf_counter() - started:.2f} s)"
         )
 
-    def _saved_snapshot(self, epoch: int) -> _Snapshot | None:
+    def _saved_snapshot(self, epoch: int) -> Snapshot | None:
         """The snapshot file, if it is the one this run's control state expects (the
         run resumed since it was taken); else None, with the reason logged."""
         expected = self._snapshot_epoch
@@ -826,9 +558,8 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
             return None
         path = join(self.output_folder, SNAPSHOT_FILE)
         try:
-            fields = torch.load(path, map_location=self.device, weights_only=False)
-            snapshot = _Snapshot(**fields)
-        except (OSError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as error:
+            snapshot = load_snapshot(path, self.device)
+        except SNAPSHOT_READ_ERRORS as error:
             self.print_to_log_file(
                 f"{_PREFIX} WARNING: epoch {epoch}: cannot read the snapshot {path}: {error}"
             )
@@ -842,25 +573,19 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
             return None
         return snapshot
 
-    def _take_snapshot(self, epoch: int) -> _Snapshot:
-        return _Snapshot(
+    def _take_snapshot(self, epoch: int) -> Snapshot:
+        return take_snapshot(
             run_id=self.run_id,
             epoch=epoch,
-            network={k: v.detach().clone() for k, v in self._bare_network().state_dict().items()},
-            optimizer=copy.deepcopy(self.optimizer.state_dict()),
-            grad_scaler=(
-                copy.deepcopy(self.grad_scaler.state_dict())
-                if self.grad_scaler is not None
-                else None
-            ),
-            lr_base=float(self.lr_scheduler.initial_lr),
+            network=self._bare_network(),
+            optimizer=self.optimizer,
+            grad_scaler=self.grad_scaler,
+            lr_base=self.lr_scheduler.initial_lr,
             loss_weights=self._loss_weights(),
         )
 
     def _bare_network(self) -> nn.Module:
-        module: nn.Module = self.network.module if self.is_ddp else self.network
-        # torch.compile wraps the module; its state dict keys carry a prefix.
-        return getattr(module, "_orig_mod", module)
+        return bare_network(self.network, self.is_ddp)
 
     def _set_next_epoch_lr(self, lr: float) -> None:
         """Rescale PolyLR's base so that the next epoch's ``step`` lands on `lr` exactly
@@ -879,138 +604,3 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
 
 def _fmt_weights(weights: Mapping[str, float]) -> str:
     return "{" + ", ".join(f"{k} {weights[k]:g}" for k in sorted(weights) if weights[k]) + "}"
-
-
-# --- trainctl-nnunet ---------------------------------------------------------------------
-
-
-def build_trainer(
-    dataset_name_or_id: str,
-    configuration: str,
-    fold: str | int,
-    plans_identifier: str = "nnUNetPlans",
-    *,
-    continue_training: bool = False,
-    device: torch.device | None = None,
-    trainer_class: type[nnUNetTrainerControlled] = nnUNetTrainerControlled,
-) -> nnUNetTrainerControlled:
-    """Instantiate the trainer as ``nnUNetv2_train`` would, without its search by name."""
-    dataset: str | int = dataset_name_or_id
-    if not dataset_name_or_id.startswith("Dataset"):
-        try:
-            dataset = int(dataset_name_or_id)
-        except ValueError:
-            raise ValueError(
-                "dataset must be an id or a name like Dataset042_Disc, "
-                f"but got {dataset_name_or_id!r}."
-            ) from None
-    if fold != "all":
-        fold = int(fold)
-    folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
-    plans = load_json(join(folder, plans_identifier + ".json"))
-    # nnUNetTrainer.__init__ pops it: it tells its logger whether to resume.
-    plans["continue_training"] = continue_training
-    dataset_json = load_json(join(folder, "dataset.json"))
-    return trainer_class(
-        plans=plans,
-        configuration=configuration,
-        fold=fold,
-        dataset_json=dataset_json,
-        device=device if device is not None else torch.device("cuda"),
-    )
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trainctl-nnunet",
-        description="Train nnU-Net v2 (nnUNetTrainerControlled) under a training-control server. "
-        "The client is configured by TRAINCTL_* environment variables; nnU-Net by its own "
-        "(nnUNet_raw, nnUNet_preprocessed, nnUNet_results).",
-    )
-    parser.add_argument("dataset", help="dataset name or id, as for nnUNetv2_train")
-    parser.add_argument("configuration", help="e.g. 2d, 3d_fullres")
-    parser.add_argument("fold", help="0-4 or 'all'")
-    parser.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument(
-        "--val", action="store_true", help="only run the final validation of a finished training"
-    )
-    parser.add_argument("--device", choices=("cuda", "cpu", "mps"), default="cuda")
-    parser.add_argument("--epochs", type=int, help="number of epochs (nnU-Net: 1000)")
-    parser.add_argument("--iterations", type=int, help="train iterations per epoch (250)")
-    parser.add_argument("--val-iterations", type=int, help="validation iterations per epoch (50)")
-    parser.add_argument(
-        "--save-every", type=int, help="write checkpoint_latest every N epochs (50)"
-    )
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: all cores on cpu, 1 on cuda)"
-    )
-    parser.add_argument("--npz", action="store_true", help="save softmax of the final validation")
-    parser.add_argument(
-        "--no-final-validation", action="store_true", help="skip the final validation"
-    )
-    parser.add_argument(
-        "--disable-checkpointing", action="store_true", help="write no checkpoints (testing)"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``trainctl-nnunet``: train (or continue) one fold under control; returns the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    for name in ("epochs", "iterations", "val_iterations", "save_every", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, but got {value}")
-    if args.c and args.val:
-        parser.error("--c and --val exclude each other")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif args.device == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
-    elif args.device == "cuda":
-        # nnU-Net's choice: more threads do not help a GPU training.
-        torch.set_num_threads(1)
-        torch.set_num_interop_threads(1)
-    try:
-        trainer = build_trainer(
-            args.dataset,
-            args.configuration,
-            args.fold,
-            args.plans,
-            continue_training=args.c,
-            device=torch.device(args.device),
-        )
-    except (ValueError, OSError, RuntimeError) as error:
-        print(f"trainctl-nnunet: {error}", file=sys.stderr)
-        return 2
-    # Before initialize(): the LR schedule is built for num_epochs.
-    if args.epochs is not None:
-        trainer.num_epochs = args.epochs
-    if args.iterations is not None:
-        trainer.num_iterations_per_epoch = args.iterations
-    if args.val_iterations is not None:
-        trainer.num_val_iterations_per_epoch = args.val_iterations
-    if args.save_every is not None:
-        trainer.save_every = args.save_every
-    trainer.disable_checkpointing = args.disable_checkpointing
-
-    from nnunetv2.run.run_training import maybe_load_checkpoint
-
-    maybe_load_checkpoint(trainer, args.c, args.val, None)
-    if torch.cuda.is_available():
-        torch.backends.cudnn.deterministic = False
-        torch.backends.cudnn.benchmark = True
-    if not args.val:
-        trainer.run_training()
-    if not args.no_final_validation:
-        trainer.perform_actual_validation(args.npz)
-    return 0
-
-
-# nnU-Net's final validation starts a spawn pool, which imports the main
-# module again: without this guard it would start another training.
-if __name__ == "__main__":
-    raise SystemExit(main())
