@@ -66,7 +66,7 @@ _ITEM = struct.Struct("<IBBBI")
 #: Requests decided in one transaction at most; the rest wait for the next one.
 MAX_BATCH = 512
 #: Seconds the decider waits for more reports before a batch, when the last one had
-#: several (PERF.md: ~2 ms; a fixed wait would slow a lone caller down).
+#: several (about a commit's time; a fixed wait would slow a lone caller down).
 BATCH_WAIT_S = 0.001
 #: Seconds the child gets to open the store and say it is ready.
 START_TIMEOUT_S = 30.0
