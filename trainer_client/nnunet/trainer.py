@@ -101,7 +101,7 @@ class ControlEvent:
 
 
 class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 is untyped
-    """An nnUNetTrainer steered by a training-control server; see the module doc.
+    """An nnUNetTrainer steered by a training-control server; see `trainer_client.nnunet`.
 
     Configured only through TRAINCTL_* environment variables: the constructor
     keeps the base signature, which nnU-Net's bookkeeping of init arguments
