@@ -59,7 +59,8 @@ def validate_override(override: Override) -> None:
     if override.lr is not None and not (math.isfinite(override.lr) and override.lr > 0):
         raise InvalidArgument("lr", f"must be a finite number > 0, but got {override.lr!r}")
     try:
-        check_loss_weights(override.loss_weights)
+        if override.loss_weights:  # none: the override leaves the weights alone
+            check_loss_weights(override.loss_weights)
     except LossWeightError as exc:
         where = "loss_weights" if exc.component is None else f"loss_weights[{exc.component!r}]"
         raise InvalidArgument(where, exc.problem) from None

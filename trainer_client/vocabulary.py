@@ -76,9 +76,9 @@ class LossWeightError(ValueError):
 def check_loss_weights(
     weights: Mapping[str, Any], *, allow_all_zero: bool = False
 ) -> dict[str, float]:
-    """A validated copy of a weight map: known components, finite weights >= 0, and,
-    unless `allow_all_zero` (or the map is empty), not all 0. Raises LossWeightError
-    for the first problem, in the map's order."""
+    """A validated copy of a weight map: known components, finite weights >= 0 and,
+    unless `allow_all_zero`, not all 0 (an empty map is all 0). Raises
+    LossWeightError for the first problem, in the map's order."""
     checked: dict[str, float] = {}
     for component, weight in weights.items():
         if component not in LOSS_COMPONENTS:
@@ -93,6 +93,6 @@ def check_loss_weights(
         ):
             raise LossWeightError(component, f"must be a finite number >= 0, but got {weight!r}")
         checked[component] = float(weight)
-    if checked and not allow_all_zero and sum(checked.values()) <= 0:
+    if not allow_all_zero and not any(checked.values()):
         raise LossWeightError(None, "must not all be 0")
     return checked

@@ -170,9 +170,9 @@ def test_new_weights_apply_at_every_scale_and_bad_ones_change_nothing() -> None:
     assert not math.isclose(loss(logits, targets).item(), before.item())
     for bad, message in [
         ({"dice": 0.5, "tversky": 0.5}, "unknown loss component"),
-        ({"dice": -1.0}, "finite and >= 0"),
+        ({"dice": -1.0}, "dice: must be a finite number >= 0"),
         ({"dice": 0.0, "ce": 0.0}, "must not all be 0"),
-        ({"dice": float("nan")}, "finite and >= 0"),
+        ({"dice": float("nan")}, "dice: must be a finite number >= 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             loss.set_weights(bad)

@@ -146,7 +146,7 @@ def test_rollback_restores_the_snapshot_a_bad_decision_is_refused_and_stop_ends_
     assert trainer.weights_of(2)[0] == REFERENCE
     # The unknown component at 2: refused, logged, nothing changed.
     log = next(Path(trainer.output_folder).glob("training_log_*.txt")).read_text()
-    assert "ERROR: epoch 2: refused INTERVENE scripted-2: unknown loss component(s) tversky" in log
+    assert "ERROR: epoch 2: refused INTERVENE scripted-2: tversky: unknown loss component" in log
     assert trainer.weights_of(3)[0] == REFERENCE
     assert trainer.lr_of(3) == pytest.approx(0.0095 * poly(3, 10) / poly(2, 10), rel=1e-12)
     assert [e.outcome for e in trainer.control_events] == ["applied", "applied", "refused", "stop"]

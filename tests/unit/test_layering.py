@@ -211,3 +211,9 @@ def test_the_light_client_loads_no_heavy_library() -> None:
     modules = ["trainer_client", *(f"trainer_client.{name}" for name in top)]
     watched = (*HEAVY, "numpy", "PIL", "matplotlib", "control_server")
     assert loaded_after_import(modules, watched) == []
+
+
+def test_the_nnunet_package_and_its_synthetic_data_load_without_torch() -> None:
+    """The demo makes its dataset before anything trains: that must not need torch."""
+    modules = ["trainer_client.nnunet", "trainer_client.nnunet.synthetic"]
+    assert loaded_after_import(modules, HEAVY) == []

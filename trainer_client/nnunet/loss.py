@@ -9,7 +9,6 @@ weights change.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,8 @@ from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 from torch import nn
 
+from trainer_client.vocabulary import LOSS_COMPONENTS, check_loss_weights
+
 __all__ = [
     "LOSS_COMPONENTS",
     "CompositeLoss",
@@ -29,29 +30,10 @@ __all__ = [
     "region_variance_loss",
 ]
 
-#: The loss components the trainer implements (the server knows the same names).
-LOSS_COMPONENTS: tuple[str, ...] = ("dice", "ce", "focal", "variance")
-
 # DC_and_CE_loss computes ``weight_ce * ce + weight_dice * dc``: summing in the
 # same order makes {dice 1, ce 1} give its value to the last bit.
 _SUM_ORDER = ("ce", "dice", "focal", "variance")
 _FOCAL_GAMMA = 2.0
-
-
-def check_loss_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    """A validated copy of a weight map; `ValueError` naming the problem otherwise."""
-    unknown = sorted(set(weights) - set(LOSS_COMPONENTS))
-    if unknown:
-        raise ValueError(
-            f"unknown loss component(s) {', '.join(unknown)}; "
-            f"expected one of {', '.join(LOSS_COMPONENTS)}"
-        )
-    checked = {name: float(w) for name, w in weights.items()}
-    if any(not (math.isfinite(w) and w >= 0) for w in checked.values()):
-        raise ValueError(f"loss weights must be finite and >= 0, but got {checked}")
-    if not any(checked.values()):
-        raise ValueError(f"loss weights must not all be 0, but got {checked}")
-    return checked
 
 
 def focal_loss(
