@@ -14,9 +14,13 @@ logger = logging.getLogger(__name__)
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def open_store(url: str, *, read_only: bool = False) -> Store:
+def open_store(url: str, *, read_only: bool = False, remember_contexts: bool = True) -> Store:
     """Open the store named by `url` (`read_only`: an existing, migrated one, never
     written; writes raise StoreUnavailable).
+
+    `remember_contexts` is for the decider's store: a SQLite store then remembers
+    each run's next context between `decide_and_record` batches (ContextCache);
+    PostgreSQL reads every batch's contexts ahead instead and ignores it.
 
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` (as
     SQLAlchemy spells them) open or create a SQLite file, creating its parent
@@ -29,7 +33,11 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
         raise ValueError(f"store URL must look like scheme://..., but got {url!r}")
     backend = scheme.split("+", 1)[0].lower()
     if backend == "sqlite":
-        return SqliteStore(_sqlite_path(url, rest, create=not read_only), read_only=read_only)
+        return SqliteStore(
+            _sqlite_path(url, rest, create=not read_only),
+            read_only=read_only,
+            remember_contexts=remember_contexts,
+        )
     if backend in _POSTGRES_SCHEMES:
         try:
             from control_server.store.postgres import PostgresStore

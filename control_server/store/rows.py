@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any
 
@@ -57,8 +58,27 @@ POLICY = "version, name, document, created_at"
 N_DECISION = 13
 N_REPORT = 16
 N_RUN = 13
-#: A run's summary fields that follow its newest epoch (a late, older report leaves them).
-FOLLOW_NEWEST = (*LABELS.split(", "), "intervention_count", "current_lr")
+# A run's summary fields that follow its newest epoch (a late, older report leaves them).
+_FOLLOW_NEWEST = (*LABELS.split(", "), "intervention_count", "current_lr")
+
+
+def upsert_run(least: str, greatest: str) -> str:
+    """`ON CONFLICT (run_id) DO UPDATE SET ...` of a run summary's upsert, in a dialect
+    whose two-argument minimum and maximum are `least` and `greatest`.
+
+    SET expressions all see the old row, so the CASE compares with the old last_epoch."""
+    return (
+        "ON CONFLICT (run_id) DO UPDATE SET "
+        + "".join(
+            f"{c} = CASE WHEN excluded.last_epoch >= runs.last_epoch "
+            f"THEN excluded.{c} ELSE runs.{c} END, "
+            for c in _FOLLOW_NEWEST
+        )
+        + f"first_seen = {least}(runs.first_seen, excluded.first_seen), "
+        f"last_seen = {greatest}(runs.last_seen, excluded.last_seen), "
+        f"last_epoch = {greatest}(runs.last_epoch, excluded.last_epoch), "
+        "report_count = runs.report_count + 1"
+    )
 
 
 def names(columns: str) -> list[str]:
@@ -67,6 +87,11 @@ def names(columns: str) -> list[str]:
 
 def qualified(alias: str, columns: str) -> str:
     return ", ".join(f"{alias}.{c}" for c in names(columns))
+
+
+def insert(table: str, columns: str) -> str:
+    """`INSERT INTO table (columns) VALUES (?, ...)`, one `?` per column."""
+    return f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(names(columns)))})"
 
 
 def check_record(record: DecisionRecord) -> None:
@@ -81,16 +106,8 @@ def check_record(record: DecisionRecord) -> None:
             )
 
 
-def labels_row(labels: RunLabels) -> tuple[str, ...]:
-    """The label columns, in the schema's order."""
-    return (
-        labels.dataset,
-        labels.configuration,
-        labels.fold,
-        labels.trainer,
-        labels.plans,
-        labels.host,
-    )
+#: The label columns of a RunLabels, in the schema's order (a C call: the hot path).
+labels_row: Callable[[RunLabels], tuple[str, ...]] = attrgetter(*names(LABELS))
 
 
 def dump_weights(weights: Mapping[str, float]) -> str:

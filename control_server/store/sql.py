@@ -44,6 +44,7 @@ from control_server.store.rows import (
     REPORT,
     RUN,
     Codec,
+    insert,
     qualified,
     shadow_summary_from,
 )
@@ -229,7 +230,7 @@ class SqlStore(Store, Generic[S]):
         with self._writing(runs=[override.run_id]) as s:
             row = self._insert_returning(
                 s,
-                f"INSERT INTO overrides ({NEW_OVERRIDE}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                insert("overrides", NEW_OVERRIDE),
                 self.codec.override_row(override, created_at),
                 "overrides",
                 OVERRIDE,
@@ -266,8 +267,7 @@ class SqlStore(Store, Generic[S]):
     def put_policy(self, policy: PolicyVersion) -> PolicyVersion:
         with self._writing() as s:
             s.execute(
-                f"INSERT INTO policies ({POLICY}) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (version) DO NOTHING",
+                insert("policies", POLICY) + " ON CONFLICT (version) DO NOTHING",
                 (
                     policy.version,
                     self.codec.text(policy.name),
@@ -342,8 +342,8 @@ class SqlStore(Store, Generic[S]):
         with self._writing() as s:
             self._require_policy(s, pin.version)
             s.execute(
-                f"INSERT INTO policy_pins ({PIN}) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (dataset, configuration, fold) DO UPDATE SET "
+                insert("policy_pins", PIN) + " ON CONFLICT (dataset, configuration, fold) "
+                "DO UPDATE SET "
                 "version = excluded.version, pinned_at = excluded.pinned_at, "
                 "actor = excluded.actor",
                 (*key, pin.version, self.codec.time(pin.pinned_at), pin.actor),

@@ -34,16 +34,14 @@ from control_server.domain import (
 from control_server.store.context_cache import ContextCache
 from control_server.store.rows import (
     DECISION,
-    FOLLOW_NEWEST,
-    N_DECISION,
-    N_REPORT,
-    N_RUN,
     OVERRIDE,
     REPORT,
     RUN,
     check_record,
     codec,
+    insert,
     qualified,
+    upsert_run,
 )
 from control_server.store.schema import SQLITE_MIGRATIONS, check_current, load_migrations
 from control_server.store.sql import SqlStore
@@ -76,31 +74,12 @@ _run_row = CODEC.run_row
 _context_from = CODEC.context_from
 
 
-def _marks(n: int) -> str:
-    return ", ".join("?" * n)
-
-
 _INSERT_DECISION = (
-    f"INSERT INTO decisions ({DECISION}, state) VALUES ({_marks(N_DECISION + 1)}) "
-    "ON CONFLICT (run_id, epoch) DO NOTHING"
+    insert("decisions", f"{DECISION}, state") + " ON CONFLICT (run_id, epoch) DO NOTHING"
 )
-_INSERT_REPORT = f"INSERT INTO reports ({REPORT}) VALUES ({_marks(N_REPORT)})"
-# SET expressions all see the old row, so the CASE compares with the old last_epoch.
-_UPSERT_RUN = (
-    f"INSERT INTO runs ({RUN}) VALUES ({_marks(N_RUN)}) ON CONFLICT (run_id) DO UPDATE SET "
-    + "".join(
-        f"{c} = CASE WHEN excluded.last_epoch >= runs.last_epoch "
-        f"THEN excluded.{c} ELSE runs.{c} END, "
-        for c in FOLLOW_NEWEST
-    )
-    + "first_seen = min(runs.first_seen, excluded.first_seen), "
-    "last_seen = max(runs.last_seen, excluded.last_seen), "
-    "last_epoch = max(runs.last_epoch, excluded.last_epoch), "
-    "report_count = runs.report_count + 1"
-)
-_INSERT_SHADOW = (
-    f"INSERT INTO shadow_decisions ({DECISION}, state) VALUES ({_marks(N_DECISION + 1)})"
-)
+_INSERT_REPORT = insert("reports", REPORT)
+_UPSERT_RUN = insert("runs", RUN) + " " + upsert_run("min", "max")
+_INSERT_SHADOW = insert("shadow_decisions", f"{DECISION}, state")
 # A `once` override is consumed by the decision that used it, if nobody beat it to it.
 _CONSUME_OVERRIDE = (
     "UPDATE overrides SET cleared_at = ?, cleared_by = ? WHERE id = ? AND cleared_at IS NULL"

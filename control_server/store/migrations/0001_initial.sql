@@ -1,7 +1,8 @@
 -- 0001: the initial schema.
 --
--- The runner in control_server/store/sqlite.py applies each numbered file in
--- one transaction and records it in schema_version (which it creates itself).
+-- The runner (SqlStore._migrate in control_server/store/sql.py) applies each
+-- numbered file in one transaction and records it in schema_version (which it
+-- creates itself).
 -- Statements here must work inside a transaction (no PRAGMA journal_mode etc.).
 --
 -- Conventions: timestamps are ISO-8601 UTC text with microseconds

@@ -1,4 +1,4 @@
--- 0002: operators' controls (issue 4): overrides that record how they ended,
+-- 0002: operators' controls: overrides that record how they ended,
 -- the override each decision used, policy pins, the shadow policy and its
 -- decisions, and indexes for the audit queries.
 --

@@ -1,10 +1,10 @@
 -- 0001: the initial schema (PostgreSQL dialect of ../migrations/0001_initial.sql).
 --
 -- Both backends share the migration numbering: level N means the same tables
--- and columns on SQLite and PostgreSQL. The runner in
--- control_server/store/postgres.py applies each file in one transaction under
--- an advisory lock (replicas starting together do not race) and records it in
--- schema_version.
+-- and columns on SQLite and PostgreSQL. The runner (SqlStore._migrate in
+-- control_server/store/sql.py) applies each file in one transaction under an
+-- advisory lock taken by PostgresStore (replicas starting together do not race)
+-- and records it in schema_version.
 --
 -- Conventions: timestamps are timestamptz; weight maps, documents, details and
 -- policy states are JSON text, written exactly as on SQLite (jsonb would refuse

@@ -1,4 +1,4 @@
--- 0002: operators' controls (issue 4), the PostgreSQL dialect of
+-- 0002: operators' controls, the PostgreSQL dialect of
 -- ../migrations/0002_operators.sql: overrides that record how they ended, the
 -- override each decision used, policy pins, the shadow policy and its
 -- decisions, and indexes for the audit queries.
