@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from control_server.policy.document import parse_policy
 from control_server.policy_files import default_policy
 from tests.conftest import ServerThread, Stubs
+from tests.factories import epoch_report
 from tests.integration.test_cli import cli
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -43,15 +44,13 @@ class Trainer:
     weights: dict[str, float] = field(default_factory=lambda: {"dice": 1.0, "ce": 1.0})
 
     def report(self, epoch: int, val_loss: float = 0.5) -> pb.EpochReport:
-        return pb.EpochReport(
-            run_id=self.run_id,
-            epoch=epoch,
+        return epoch_report(
+            self.run_id,
+            epoch,
             train_loss=val_loss,
             val_loss=val_loss,
-            avg_gradient_norm=0.05,
             intervention_count=self.count,
             current_lr=self.lr,
-            initial_lr=0.01,
             loss_weights=self.weights,
             labels=self.labels,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,8 +21,9 @@ from control_server.auth import AuthInterceptor, Role
 from control_server.identity import current_actor
 from control_server.store import open_store
 from control_server.tokens import TokenTable, create_token
-from tests.conftest import REPO, ServerProcess, ServerThread
+from tests.conftest import ServerProcess, ServerThread
 from tests.factories import epoch_report
+from tests.integration.test_cli import cli
 from tests.integration.test_readme_grpcurl import grpcurl_binary
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -66,14 +66,7 @@ def all_rpcs() -> list[tuple[str, bool]]:
 
 
 def token_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "control_server.cli", "token", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    return cli("token", *args, cwd=cwd)
 
 
 @dataclass
@@ -422,27 +415,13 @@ def test_token_cli_refuses_a_duplicate_and_an_unknown_name(tokens: Tokens, tmp_p
 def test_serve_with_a_broken_auth_file_names_it(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
     path.write_text('{"tokens": [{"name": "x", "role": "root"}]}')
-    result = subprocess.run(
-        [sys.executable, "-m", "control_server.cli", "serve", "--auth-file", str(path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    result = cli("serve", "--auth-file", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert f"auth file {path}: entry 0 ('x')" in result.stderr
 
 
 def test_serve_beyond_loopback_needs_auth_or_insecure(tmp_path: Path, tokens: Tokens) -> None:
-    refused = subprocess.run(
-        [sys.executable, "-m", "control_server.cli", "serve", "--listen", "0.0.0.0:0"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    refused = cli("serve", "--listen", "0.0.0.0:0", cwd=tmp_path)
     assert refused.returncode == 2
     assert "--auth-file" in refused.stderr and "--insecure" in refused.stderr
     store = f"sqlite:///{tmp_path}/control.db"

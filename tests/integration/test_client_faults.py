@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.factories import epoch_report
 from trainer_client import (
     ClientConfig,
     ControlClient,
@@ -110,16 +111,6 @@ def stall(
     return answer(report)
 
 
-def make_report(epoch: int = 3) -> control_pb2.EpochReport:
-    state = RunState(
-        run_id="run-a",
-        initial_lr=0.01,
-        current_lr=0.008,
-        labels={"dataset": "Dataset042_Disc", "configuration": "2d", "fold": "0"},
-    )
-    return state.build_report(epoch, train_loss=0.35, val_loss=0.4, avg_gradient_norm=0.04)
-
-
 def client_for(target: str, **overrides: Any) -> ControlClient:
     values: dict[str, Any] = {"target": target, "deadline_s": DEADLINE_S}
     values.update(overrides)
@@ -149,7 +140,7 @@ def test_no_server_fails_open_within_the_deadline(caplog: pytest.LogCaptureFixtu
     caplog.set_level(logging.WARNING, logger="trainer_client.client")
     with client_for(f"127.0.0.1:{free_port()}") as client:
         started = time.monotonic()
-        assert client.report(make_report()) is None
+        assert client.report(epoch_report(epoch=3)) is None
         elapsed = time.monotonic() - started
     assert elapsed < DEADLINE_S + SLACK_S
     [message] = warnings_from_client(caplog)
@@ -162,7 +153,7 @@ def test_no_server_raises_unavailable_when_fail_closed() -> None:
         client_for(f"127.0.0.1:{free_port()}", fail_open=False) as client,
         pytest.raises(ControlUnavailable) as caught,
     ):
-        client.report(make_report())
+        client.report(epoch_report(epoch=3))
     assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -176,7 +167,7 @@ def test_stalled_server_costs_about_the_deadline(
     server = start_server(stall)
     with client_for(server.target) as client:
         started = time.monotonic()
-        assert client.report(make_report()) is None
+        assert client.report(epoch_report(epoch=3)) is None
         elapsed = time.monotonic() - started
     assert DEADLINE_S * 0.9 <= elapsed < DEADLINE_S + SLACK_S
     [message] = warnings_from_client(caplog)
@@ -191,7 +182,7 @@ def test_stalled_server_raises_unavailable_when_fail_closed(
         client_for(server.target, fail_open=False) as client,
         pytest.raises(ControlUnavailable) as caught,
     ):
-        client.report(make_report())
+        client.report(epoch_report(epoch=3))
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     # A deadline is not retried: the server saw exactly one attempt.
     assert server.servicer.attempts == 1
@@ -211,7 +202,7 @@ def test_unavailable_twice_then_an_answer_is_retried_within_the_deadline(
     server = start_server(flaky)
     with client_for(server.target, deadline_s=2.0, fail_open=False) as client:
         started = time.monotonic()
-        decision = client.report(make_report())
+        decision = client.report(epoch_report(epoch=3))
         elapsed = time.monotonic() - started
     assert decision is not None
     assert decision.action == control_pb2.INTERVENE
@@ -229,7 +220,7 @@ def test_retries_give_up_at_max_attempts(start_server: Callable[[Behaviour], Run
     with client_for(server.target, deadline_s=5.0, fail_open=False) as client:
         started = time.monotonic()
         with pytest.raises(ControlUnavailable, match="store unavailable"):
-            client.report(make_report())
+            client.report(epoch_report(epoch=3))
         elapsed = time.monotonic() - started
     assert server.servicer.attempts == 5
     assert elapsed < 5.0
@@ -250,7 +241,7 @@ def test_invalid_argument_raises_rejected_with_the_servers_message(
         client_for(server.target, fail_open=False) as client,
         pytest.raises(ControlRejected) as caught,
     ):
-        client.report(make_report())
+        client.report(epoch_report(epoch=3))
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details == "epoch: must be >= 0, but got -1."
     assert "epoch: must be >= 0" in str(caught.value)
@@ -263,7 +254,7 @@ def test_invalid_argument_fails_open_with_one_warning(
     caplog.set_level(logging.WARNING, logger="trainer_client.client")
     server = start_server(invalid)
     with client_for(server.target) as client:
-        assert client.report(make_report()) is None
+        assert client.report(epoch_report(epoch=3)) is None
     [message] = warnings_from_client(caplog)
     assert "INVALID_ARGUMENT: epoch: must be >= 0, but got -1." in message
 
@@ -276,9 +267,9 @@ def test_the_bearer_token_arrives_as_metadata(
 ) -> None:
     server = start_server(ok)
     with client_for(server.target, token="s3cret", fail_open=False) as client:
-        assert client.report(make_report()) is not None
+        assert client.report(epoch_report(epoch=3)) is not None
     with client_for(server.target, fail_open=False) as client:
-        assert client.report(make_report()) is not None
+        assert client.report(epoch_report(epoch=3)) is not None
     with_token, without = server.servicer.metadata
     assert with_token["authorization"] == "Bearer s3cret"
     assert "authorization" not in without
@@ -295,9 +286,9 @@ def test_a_refused_token_raises_unauthorized(start_server: Callable[[Behaviour],
         client_for(server.target, token="wrong", fail_open=False) as client,
         pytest.raises(ControlUnauthorized, match="unknown token"),
     ):
-        client.report(make_report())
+        client.report(epoch_report(epoch=3))
     with client_for(server.target, token="right", fail_open=False) as client:
-        assert client.report(make_report()) is not None
+        assert client.report(epoch_report(epoch=3)) is not None
 
 
 # --- defensive checks, lifecycle -------------------------------------------------------
@@ -322,13 +313,13 @@ def test_an_unusable_decision_is_a_failure(
     caplog.set_level(logging.WARNING, logger="trainer_client.client")
     server = start_server(lambda servicer, report, context, attempt: answer(report, **fields))
     with client_for(server.target) as client:
-        assert client.report(make_report()) is None
+        assert client.report(epoch_report(epoch=3)) is None
     assert len(warnings_from_client(caplog)) == 1
     with (
         client_for(server.target, fail_open=False) as client,
         pytest.raises(ControlProtocolError),
     ):
-        client.report(make_report())
+        client.report(epoch_report(epoch=3))
 
 
 def test_the_channel_is_created_on_first_use_and_reused(
@@ -345,8 +336,8 @@ def test_the_channel_is_created_on_first_use_and_reused(
     monkeypatch.setattr(grpc, "insecure_channel", counting)
     with client_for(server.target) as client:
         assert created == []  # nothing exists yet that a fork() could break
-        assert client.report(make_report(1)) is not None
-        assert client.report(make_report(2)) is not None
+        assert client.report(epoch_report(epoch=1)) is not None
+        assert client.report(epoch_report(epoch=2)) is not None
     assert created == [server.target]
 
 
@@ -356,15 +347,15 @@ def test_a_closed_client_fails_like_any_other_failure(
     caplog.set_level(logging.WARNING, logger="trainer_client.client")
     server = start_server(ok)
     client = client_for(server.target)
-    assert client.report(make_report()) is not None
+    assert client.report(epoch_report(epoch=3)) is not None
     client.close()
     client.close()  # idempotent
-    assert client.report(make_report()) is None
+    assert client.report(epoch_report(epoch=3)) is None
     assert len(warnings_from_client(caplog)) == 1
     closed = client_for(server.target, fail_open=False)
     closed.close()
     with pytest.raises(ControlError, match="closed"):
-        closed.report(make_report())
+        closed.report(epoch_report(epoch=3))
 
 
 # --- (f) RunState.apply ----------------------------------------------------------------

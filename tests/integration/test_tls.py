@@ -17,6 +17,7 @@ from control_server.tokens import create_token
 from tests.certs import Certs, make_certs
 from tests.conftest import REPO, ServerProcess, ServerThread
 from tests.factories import epoch_report
+from tests.integration.test_cli import cli
 from trainer_client import ClientConfig, ControlClient, ControlUnauthorized, ControlUnavailable
 from trainer_client.api import control_pb2 as pb
 from trainer_client.client import open_channel
@@ -217,20 +218,6 @@ def test_serve_with_tls_flags(tmp_path: Path, certs: Certs) -> None:
 
 
 def test_serve_refuses_half_a_tls_pair(tmp_path: Path, certs: Certs) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "control_server.cli",
-            "serve",
-            "--tls-cert",
-            str(certs.server_cert),
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    result = cli("serve", "--tls-cert", str(certs.server_cert), cwd=tmp_path)
     assert result.returncode == 2
     assert "tls_cert and tls_key must be given together" in result.stderr
