@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads(sock.makefile("rb").readline())
     logs.configure(config["log_level"], config["log_format"])
     try:
-        store = open_store(config["store_url"])
+        store = open_store(config["store_url"], remember_contexts=True)
     except Exception as exc:
         sock.sendall(f"error {exc}\n".encode())
         return 1

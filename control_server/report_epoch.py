@@ -80,7 +80,7 @@ class ReportEpoch:
         decision back. Every decision is durable when this returns, and each
         run's read-decide-write is atomic (see `Store.group_commit`).
         """
-        return self.store.decide_and_record(reports, self.decide_report)
+        return self.store.group_commit(reports, self.decide_report)
 
     def decide_report(self, report: Report, context: RunContext) -> DecisionRecord:
         """The record one report makes, given what the store holds for its run."""

@@ -1,6 +1,6 @@
 """Storage: the contract, the backends, and the URL factory.
 
-Group commit (one transaction per batch of reports) is `Store.decide_and_record`,
+Group commit (one transaction per batch of reports) is `Store.group_commit`,
 called by the decider process (control_server/decider.py).
 
 `PostgresStore` is imported on first use: psycopg is an optional extra (`postgres`).

@@ -1,7 +1,7 @@
 """The storage contract every backend implements (SQLite and PostgreSQL).
 
 Methods are synchronous and thread-safe: reads may be called from the event
-loop thread, `decide_and_record` from the decider process (its own instance). A thread
+loop thread, `group_commit` from the decider process (its own instance). A thread
 never shares a connection with another (SQLite keeps one per thread; PostgreSQL
 checks one out of its pool per transaction). Timestamps come back timezone-aware
 (UTC).
@@ -38,7 +38,7 @@ from control_server.domain import (
 logger = logging.getLogger(__name__)
 
 #: Decides one report from its context (pure apart from store reads): the record to store.
-Decide = Callable[[Report, RunContext], DecisionRecord]
+DecideReport = Callable[[Report, RunContext], DecisionRecord]
 
 
 class Store(ABC):
@@ -53,15 +53,15 @@ class Store(ABC):
         database lock; PostgreSQL: row locks), so a read-decide-write inside it
         is atomic across replicas."""
 
-    def decide_and_record(
-        self, reports: Sequence[Report], decide: Decide
+    def group_commit(
+        self, reports: Sequence[Report], decide_report: DecideReport
     ) -> list[Decision | Exception]:
         """Decide and record a batch of reports in ONE write transaction.
 
         For each report, in order: its context is read inside the transaction
         (so it sees the decisions made earlier in the batch); a report already
-        decided gets its stored decision back (idempotency); otherwise `decide`
-        makes the record, which is stored. An error of `decide` fails that
+        decided gets its stored decision back (idempotency); otherwise `decide_report`
+        makes the record, which is stored. An error of `decide_report` fails that
         report alone. A store error fails the whole batch (StoreUnavailable;
         nothing of it is stored).
         """
@@ -91,7 +91,7 @@ class Store(ABC):
                     outcomes[index] = context.existing
                     continue
                 try:
-                    record = decide(report, context)
+                    record = decide_report(report, context)
                 except StoreUnavailable:
                     raise
                 except Exception as exc:

@@ -1,7 +1,7 @@
 """The SQLite decider's memory of each run's next context.
 
 Only the decider process needs it: it records batch after batch through
-`Store.decide_and_record` on its own connection, and after a decision of epoch
+`Store.group_commit` on its own connection, and after a decision of epoch
 E is recorded the context of the run's next report is known without reading
 it: E, the state recorded with it, and the versions and override that decided
 it. `SqliteStore(remember_contexts=True)` keeps one `ContextCache` per
@@ -41,7 +41,7 @@ class ContextCache:
 
     def begin(self, data_version: int, *, batch: bool) -> None:
         """A write transaction began, holding the write lock, at `data_version`; a
-        `batch` (decide_and_record's) may use and extend what is remembered."""
+        `batch` (group_commit's) may use and extend what is remembered."""
         if not batch or data_version != self.data_version:
             self.forget()
         self.data_version = data_version

@@ -14,12 +14,12 @@ logger = logging.getLogger(__name__)
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def open_store(url: str, *, read_only: bool = False, remember_contexts: bool = True) -> Store:
+def open_store(url: str, *, read_only: bool = False, remember_contexts: bool = False) -> Store:
     """Open the store named by `url` (`read_only`: an existing, migrated one, never
     written; writes raise StoreUnavailable).
 
     `remember_contexts` is for the decider's store: a SQLite store then remembers
-    each run's next context between `decide_and_record` batches (ContextCache);
+    each run's next context between `group_commit` batches (ContextCache);
     PostgreSQL reads every batch's contexts ahead instead and ignores it.
 
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` (as

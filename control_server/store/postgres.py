@@ -4,7 +4,7 @@ Replicas agree through the database alone:
 
 - idempotency per (run_id, epoch) is the decisions table's unique key;
 - a batch's read-decide-write is serialised per run: before reading any context,
-  `decide_and_record` takes a transaction-level advisory lock on every run of the
+  `group_commit` takes a transaction-level advisory lock on every run of the
   batch, in one statement and in key order (two replicas never deadlock);
 - WatchDecisions' cursor (`decisions.seq`) is assigned under one more advisory
   lock, held until commit, so it grows in commit order;
@@ -51,7 +51,7 @@ from control_server.domain import (
     RunLabels,
     StoreUnavailable,
 )
-from control_server.store.base import Decide
+from control_server.store.base import DecideReport
 from control_server.store.factory import redact_url
 from control_server.store.postgres_batch import (
     CODEC,
@@ -378,10 +378,10 @@ class PostgresStore(SqlStore[_Session]):
 
     # --- decisions --------------------------------------------------------------------
 
-    def decide_and_record(
-        self, reports: Sequence[Report], decide: Decide
+    def group_commit(
+        self, reports: Sequence[Report], decide_report: DecideReport
     ) -> list[Decision | Exception]:
-        """As `Store.decide_and_record`, with every run of the batch locked first (one
+        """As `Store.group_commit`, with every run of the batch locked first (one
         statement, key order), so that replicas serialise per run and never deadlock,
         and every report's context read ahead in one statement."""
         with self._transaction(write=True) as txn:
@@ -392,7 +392,7 @@ class PostgresStore(SqlStore[_Session]):
                 cursor = txn.conn.execute(SELECT_CONTEXTS, context_params(keys))
             txn.contexts.update(zip(keys, contexts_from(cursor.fetchall(), len(keys)), strict=True))
             try:
-                return super().decide_and_record(reports, decide)
+                return super().group_commit(reports, decide_report)
             finally:
                 txn.contexts.clear()
 

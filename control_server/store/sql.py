@@ -49,6 +49,7 @@ from control_server.store.rows import (
     shadow_summary_from,
 )
 from control_server.store.schema import check_level
+from trainer_client.vocabulary import SELECTOR_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +375,7 @@ class SqlStore(Store, Generic[S]):
         """Runs matching the filter, most recently active first; limit <= 0 means no limit."""
         where: list[str] = []
         params: list[Any] = []
-        for column in ("dataset", "configuration", "fold"):
+        for column in SELECTOR_KEYS:
             value = getattr(run_filter, column)
             if value:
                 where.append(f"r.{column} = ?")

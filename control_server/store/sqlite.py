@@ -140,7 +140,7 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         busy_timeout: float = 5.0,
         migrations: Traversable = MIGRATIONS,
         read_only: bool = False,
-        remember_contexts: bool = True,
+        remember_contexts: bool = False,
     ) -> None:
         self._path = str(path)
         self._remember = remember_contexts
@@ -257,7 +257,7 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         """One transaction: commit on success, roll back on any error. Inside an
         open transaction of this thread (write_transaction), it joins that one.
 
-        A write transaction that is not a `batch` (decide_and_record's, through
+        A write transaction that is not a `batch` (group_commit's, through
         write_transaction) makes this connection forget the contexts it remembers.
         sqlite3 errors become StoreUnavailable; domain errors pass through.
         """

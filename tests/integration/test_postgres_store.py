@@ -264,10 +264,10 @@ def test_replicas_serialise_read_decide_write_per_run(
         return _decide(report, context)
 
     with ThreadPoolExecutor(2) as pool:
-        held = pool.submit(first.decide_and_record, [make_report("run-a", 5)], slow_decide)
+        held = pool.submit(first.group_commit, [make_report("run-a", 5)], slow_decide)
         assert deciding.wait(10)
         waiting = pool.submit(
-            second.decide_and_record,
+            second.group_commit,
             [make_report("run-a", 5), make_report("run-a", 6)],
             counted_decide,
         )
@@ -294,7 +294,7 @@ def test_replicas_locking_overlapping_runs_in_any_order_never_deadlock(
     def replica(index: int) -> None:
         for epoch in range(6):
             order = runs if (index + epoch) % 2 else runs[::-1]
-            outcomes = replicas[index].decide_and_record(
+            outcomes = replicas[index].group_commit(
                 [make_report(r, epoch) for r in order], _decide
             )
             with lock:

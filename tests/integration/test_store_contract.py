@@ -67,7 +67,8 @@ def _store_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> 
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     with _store_url(request.param, request, tmp_path) as url:
-        opened = open_store(url)
+        # As the decider opens it: group_commit then runs with SQLite's context memory.
+        opened = open_store(url, remember_contexts=True)
         yield opened
         opened.close()
 
@@ -783,7 +784,7 @@ def _recording_decide(
     return decide
 
 
-def test_decide_and_record_reads_each_context_inside_its_transaction(store: Store) -> None:
+def test_group_commit_reads_each_context_inside_its_transaction(store: Store) -> None:
     for version in ("v-active", "v-pinned"):
         store.put_policy(make_policy(version))
     store.activate_policy("v-active", actor="alice")
@@ -791,7 +792,7 @@ def test_decide_and_record_reads_each_context_inside_its_transaction(store: Stor
     [stored] = store.record_decisions([make_record("run-a", 0, state="after 0")])
     seen: list[tuple[int, RunContext]] = []
 
-    outcomes = store.decide_and_record(
+    outcomes = store.group_commit(
         [
             make_report("run-a", 0),  # decided before: the stored decision, no decide
             make_report("run-a", 1),
@@ -838,9 +839,9 @@ def test_store_calls_inside_a_write_transaction_join_it(store: Store) -> None:
 
 
 def _context_of(store: Store, report: Report) -> RunContext:
-    """Decide `report` alone through decide_and_record; the context its decide saw."""
+    """Decide `report` alone through group_commit; the context its decide saw."""
     seen: list[tuple[int, RunContext]] = []
-    [outcome] = store.decide_and_record([report], _recording_decide(seen))
+    [outcome] = store.group_commit([report], _recording_decide(seen))
     assert isinstance(outcome, Decision), outcome
     [(_, context)] = seen
     return context
@@ -892,7 +893,7 @@ def test_a_consumed_once_override_is_gone_for_the_next_batch(store: Store) -> No
         assert context.override == once
         return replace(_once_record(report.epoch, once, state="after 1"), report=report)
 
-    [used] = store.decide_and_record([make_report("run-a", 1)], use_once)
+    [used] = store.group_commit([make_report("run-a", 1)], use_once)
     assert isinstance(used, Decision) and used.override_id == once.override_id
     context = _context_of(store, make_report("run-a", 2))
     assert (context.override, context.previous_state) == (None, "after 1")
@@ -920,7 +921,7 @@ def test_a_failed_batch_leaves_nothing_for_the_next(store: Store) -> None:
         return decide(report, context)
 
     with pytest.raises(StoreUnavailable):
-        store.decide_and_record(
+        store.group_commit(
             [make_report("run-a", 1), make_report("run-a", 2), make_report("run-b", 0)],
             fail_on_run_b,
         )
