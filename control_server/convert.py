@@ -33,6 +33,8 @@ from control_server.policy.document import integer_fields
 from trainer_client.api import control_pb2 as pb
 from trainer_client.vocabulary import LABEL_KEYS, LossWeightError, check_loss_weights
 
+#: Each label and the field name its errors give (built once: this is the decider's hot path).
+_LABEL_FIELDS = tuple((key, f"labels.{key}") for key in LABEL_KEYS)
 MAX_ID_LENGTH = 256
 MAX_REASON_LENGTH = 1024
 MAX_LIST_LIMIT = 1000
@@ -75,7 +77,7 @@ def weights_from_proto(weights: Mapping[str, float], field: str) -> Mapping[str,
 
 
 def labels_from_proto(msg: pb.RunLabels) -> RunLabels:
-    return RunLabels(**{k: _check_text(getattr(msg, k), f"labels.{k}") for k in LABEL_KEYS})
+    return RunLabels(*[_check_text(getattr(msg, key), where) for key, where in _LABEL_FIELDS])
 
 
 def report_from_proto(msg: pb.EpochReport) -> Report:

@@ -32,11 +32,12 @@ from control_server.domain import (
     Source,
     frozen_map,
 )
+from trainer_client.vocabulary import LABEL_KEYS
 
 _JSON = json.JSONEncoder(sort_keys=True)
 
 # Column lists shared by the queries and the row mappers (order matters).
-LABELS = "dataset, configuration, fold, trainer, plans, host"
+LABELS = ", ".join(LABEL_KEYS)
 #: Also the columns of shadow_decisions.
 DECISION = (
     "decision_id, run_id, epoch, action, source, reason, policy_version, decided_at, "
