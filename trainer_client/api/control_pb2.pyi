@@ -25,6 +25,15 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY: _ClassVar[Source]
     OVERRIDE: _ClassVar[Source]
     SAFETY: _ClassVar[Source]
+
+class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_STATUS_UNSPECIFIED: _ClassVar[RunStatus]
+    ACTIVE: _ClassVar[RunStatus]
+    COMPLETED: _ClassVar[RunStatus]
+    STOPPED: _ClassVar[RunStatus]
+    FAILED: _ClassVar[RunStatus]
+    STALE: _ClassVar[RunStatus]
 ACTION_UNSPECIFIED: Action
 NONE: Action
 INTERVENE: Action
@@ -34,6 +43,12 @@ SOURCE_UNSPECIFIED: Source
 POLICY: Source
 OVERRIDE: Source
 SAFETY: Source
+RUN_STATUS_UNSPECIFIED: RunStatus
+ACTIVE: RunStatus
+COMPLETED: RunStatus
+STOPPED: RunStatus
+FAILED: RunStatus
+STALE: RunStatus
 
 class RunLabels(_message.Message):
     __slots__ = ("dataset", "configuration", "fold", "trainer", "plans", "host")
@@ -52,7 +67,7 @@ class RunLabels(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., configuration: _Optional[str] = ..., fold: _Optional[str] = ..., trainer: _Optional[str] = ..., plans: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class EpochReport(_message.Message):
-    __slots__ = ("run_id", "epoch", "train_loss", "val_loss", "pseudo_dice", "avg_gradient_norm", "intervention_count", "current_lr", "initial_lr", "loss_weights", "labels")
+    __slots__ = ("run_id", "epoch", "train_loss", "val_loss", "pseudo_dice", "avg_gradient_norm", "intervention_count", "current_lr", "initial_lr", "loss_weights", "labels", "attempt", "late")
     class LossWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +86,8 @@ class EpochReport(_message.Message):
     INITIAL_LR_FIELD_NUMBER: _ClassVar[int]
     LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     epoch: int
     train_loss: float
@@ -82,10 +99,12 @@ class EpochReport(_message.Message):
     initial_lr: float
     loss_weights: _containers.ScalarMap[str, float]
     labels: RunLabels
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., pseudo_dice: _Optional[float] = ..., avg_gradient_norm: _Optional[float] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ...) -> None: ...
+    attempt: int
+    late: bool
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., pseudo_dice: _Optional[float] = ..., avg_gradient_norm: _Optional[float] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., attempt: _Optional[int] = ..., late: _Optional[bool] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("decision_id", "run_id", "epoch", "action", "lr", "loss_weights", "intervention_index", "source", "reason", "policy_version", "decided_at", "override_id")
+    __slots__ = ("decision_id", "run_id", "epoch", "action", "lr", "loss_weights", "intervention_index", "source", "reason", "policy_version", "decided_at", "override_id", "attempt", "late")
     class LossWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +124,8 @@ class Decision(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
     OVERRIDE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
     decision_id: str
     run_id: str
     epoch: int
@@ -117,10 +138,129 @@ class Decision(_message.Message):
     policy_version: str
     decided_at: _timestamp_pb2.Timestamp
     override_id: int
-    def __init__(self, decision_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., intervention_index: _Optional[int] = ..., source: _Optional[_Union[Source, str]] = ..., reason: _Optional[str] = ..., policy_version: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., override_id: _Optional[int] = ...) -> None: ...
+    attempt: int
+    late: bool
+    def __init__(self, decision_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., intervention_index: _Optional[int] = ..., source: _Optional[_Union[Source, str]] = ..., reason: _Optional[str] = ..., policy_version: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., override_id: _Optional[int] = ..., attempt: _Optional[int] = ..., late: _Optional[bool] = ...) -> None: ...
+
+class FinalMetrics(_message.Message):
+    __slots__ = ("mean_dice", "dice_per_class", "best_ema_pseudo_dice", "best_ema_epoch")
+    class DicePerClassEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MEAN_DICE_FIELD_NUMBER: _ClassVar[int]
+    DICE_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    BEST_EMA_PSEUDO_DICE_FIELD_NUMBER: _ClassVar[int]
+    BEST_EMA_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    mean_dice: float
+    dice_per_class: _containers.ScalarMap[str, float]
+    best_ema_pseudo_dice: float
+    best_ema_epoch: int
+    def __init__(self, mean_dice: _Optional[float] = ..., dice_per_class: _Optional[_Mapping[str, float]] = ..., best_ema_pseudo_dice: _Optional[float] = ..., best_ema_epoch: _Optional[int] = ...) -> None: ...
+
+class StartRunRequest(_message.Message):
+    __slots__ = ("run_id", "labels", "initial_lr", "loss_weights", "trainer_name", "trainer_version", "resume_from_epoch")
+    class LossWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_LR_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_NAME_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    labels: RunLabels
+    initial_lr: float
+    loss_weights: _containers.ScalarMap[str, float]
+    trainer_name: str
+    trainer_version: str
+    resume_from_epoch: int
+    def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., trainer_name: _Optional[str] = ..., trainer_version: _Optional[str] = ..., resume_from_epoch: _Optional[int] = ...) -> None: ...
+
+class StartRunResponse(_message.Message):
+    __slots__ = ("attempt", "policy_version", "history_reset", "superseded_epochs", "message")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_RESET_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    policy_version: str
+    history_reset: bool
+    superseded_epochs: int
+    message: str
+    def __init__(self, attempt: _Optional[int] = ..., policy_version: _Optional[str] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class FinishRunRequest(_message.Message):
+    __slots__ = ("run_id", "attempt", "status", "error", "metrics")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    attempt: int
+    status: RunStatus
+    error: str
+    metrics: FinalMetrics
+    def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[_Union[RunStatus, str]] = ..., error: _Optional[str] = ..., metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ...) -> None: ...
+
+class FinishRunResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: RunStatus
+    def __init__(self, status: _Optional[_Union[RunStatus, str]] = ...) -> None: ...
+
+class RunAttempt(_message.Message):
+    __slots__ = ("attempt", "started_at", "resume_from_epoch", "history_reset", "superseded_epochs", "trainer_name", "trainer_version", "policy_version", "initial_lr", "loss_weights", "status", "finished_at", "error", "metrics")
+    class LossWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_RESET_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_NAME_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_LR_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    started_at: _timestamp_pb2.Timestamp
+    resume_from_epoch: int
+    history_reset: bool
+    superseded_epochs: int
+    trainer_name: str
+    trainer_version: str
+    policy_version: str
+    initial_lr: float
+    loss_weights: _containers.ScalarMap[str, float]
+    status: RunStatus
+    finished_at: _timestamp_pb2.Timestamp
+    error: str
+    metrics: FinalMetrics
+    def __init__(self, attempt: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resume_from_epoch: _Optional[int] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., trainer_name: _Optional[str] = ..., trainer_version: _Optional[str] = ..., policy_version: _Optional[str] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ...) -> None: ...
 
 class RunSummary(_message.Message):
-    __slots__ = ("run_id", "labels", "last_epoch", "report_count", "intervention_count", "current_lr", "last_decision", "first_seen", "last_seen")
+    __slots__ = ("run_id", "labels", "last_epoch", "report_count", "intervention_count", "current_lr", "last_decision", "first_seen", "last_seen", "status", "attempt", "rollback_count", "best_value", "final_metrics", "finished_at", "error")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LAST_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +270,13 @@ class RunSummary(_message.Message):
     LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BEST_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     labels: RunLabels
     last_epoch: int
@@ -139,19 +286,28 @@ class RunSummary(_message.Message):
     last_decision: Decision
     first_seen: _timestamp_pb2.Timestamp
     last_seen: _timestamp_pb2.Timestamp
-    def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., last_epoch: _Optional[int] = ..., report_count: _Optional[int] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., last_decision: _Optional[_Union[Decision, _Mapping]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    status: RunStatus
+    attempt: int
+    rollback_count: int
+    best_value: float
+    final_metrics: FinalMetrics
+    finished_at: _timestamp_pb2.Timestamp
+    error: str
+    def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., last_epoch: _Optional[int] = ..., report_count: _Optional[int] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., last_decision: _Optional[_Union[Decision, _Mapping]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., rollback_count: _Optional[int] = ..., best_value: _Optional[float] = ..., final_metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("dataset", "configuration", "fold", "limit")
+    __slots__ = ("dataset", "configuration", "fold", "limit", "status")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     CONFIGURATION_FIELD_NUMBER: _ClassVar[int]
     FOLD_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     configuration: str
     fold: str
     limit: int
-    def __init__(self, dataset: _Optional[str] = ..., configuration: _Optional[str] = ..., fold: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    status: RunStatus
+    def __init__(self, dataset: _Optional[str] = ..., configuration: _Optional[str] = ..., fold: _Optional[str] = ..., limit: _Optional[int] = ..., status: _Optional[_Union[RunStatus, str]] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
@@ -160,10 +316,16 @@ class ListRunsResponse(_message.Message):
     def __init__(self, runs: _Optional[_Iterable[_Union[RunSummary, _Mapping]]] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "from_epoch", "page_size", "page_token")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    from_epoch: int
+    page_size: int
+    page_token: str
+    def __init__(self, run_id: _Optional[str] = ..., from_epoch: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class RunEpoch(_message.Message):
     __slots__ = ("report", "decision", "shadow")
@@ -176,17 +338,23 @@ class RunEpoch(_message.Message):
     def __init__(self, report: _Optional[_Union[EpochReport, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., shadow: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run", "epochs", "overrides")
+    __slots__ = ("run", "epochs", "overrides", "attempts", "superseded", "next_page_token")
     RUN_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     run: RunSummary
     epochs: _containers.RepeatedCompositeFieldContainer[RunEpoch]
     overrides: _containers.RepeatedCompositeFieldContainer[Override]
-    def __init__(self, run: _Optional[_Union[RunSummary, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[RunEpoch, _Mapping]]] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ...) -> None: ...
+    attempts: _containers.RepeatedCompositeFieldContainer[RunAttempt]
+    superseded: _containers.RepeatedCompositeFieldContainer[RunEpoch]
+    next_page_token: str
+    def __init__(self, run: _Optional[_Union[RunSummary, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[RunEpoch, _Mapping]]] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., attempts: _Optional[_Iterable[_Union[RunAttempt, _Mapping]]] = ..., superseded: _Optional[_Iterable[_Union[RunEpoch, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Override(_message.Message):
-    __slots__ = ("override_id", "run_id", "lr", "loss_weights", "hold_interventions", "once", "reason", "actor", "created_at", "cleared_at", "cleared_by")
+    __slots__ = ("override_id", "run_id", "lr", "loss_weights", "hold_interventions", "once", "reason", "actor", "created_at", "cleared_at", "cleared_by", "action", "exceed_lr_cap", "replaced_override_id")
     class LossWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +373,9 @@ class Override(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CLEARED_AT_FIELD_NUMBER: _ClassVar[int]
     CLEARED_BY_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    EXCEED_LR_CAP_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_OVERRIDE_ID_FIELD_NUMBER: _ClassVar[int]
     override_id: int
     run_id: str
     lr: float
@@ -216,10 +387,13 @@ class Override(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     cleared_at: _timestamp_pb2.Timestamp
     cleared_by: str
-    def __init__(self, override_id: _Optional[int] = ..., run_id: _Optional[str] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., hold_interventions: _Optional[bool] = ..., once: _Optional[bool] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_by: _Optional[str] = ...) -> None: ...
+    action: Action
+    exceed_lr_cap: bool
+    replaced_override_id: int
+    def __init__(self, override_id: _Optional[int] = ..., run_id: _Optional[str] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., hold_interventions: _Optional[bool] = ..., once: _Optional[bool] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_by: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., exceed_lr_cap: _Optional[bool] = ..., replaced_override_id: _Optional[int] = ...) -> None: ...
 
 class SetOverrideRequest(_message.Message):
-    __slots__ = ("run_id", "lr", "loss_weights", "hold_interventions", "once", "reason")
+    __slots__ = ("run_id", "lr", "loss_weights", "hold_interventions", "once", "reason", "action", "allow_unknown_run", "exceed_lr_cap")
     class LossWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -233,13 +407,19 @@ class SetOverrideRequest(_message.Message):
     HOLD_INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     ONCE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_UNKNOWN_RUN_FIELD_NUMBER: _ClassVar[int]
+    EXCEED_LR_CAP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     lr: float
     loss_weights: _containers.ScalarMap[str, float]
     hold_interventions: bool
     once: bool
     reason: str
-    def __init__(self, run_id: _Optional[str] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., hold_interventions: _Optional[bool] = ..., once: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    action: Action
+    allow_unknown_run: bool
+    exceed_lr_cap: bool
+    def __init__(self, run_id: _Optional[str] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., hold_interventions: _Optional[bool] = ..., once: _Optional[bool] = ..., reason: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., allow_unknown_run: _Optional[bool] = ..., exceed_lr_cap: _Optional[bool] = ...) -> None: ...
 
 class ClearOverrideRequest(_message.Message):
     __slots__ = ("run_id",)

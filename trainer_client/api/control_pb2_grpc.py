@@ -34,18 +34,44 @@ class TrainingControlStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.StartRun = channel.unary_unary(
+                '/trainingcontrol.v1.TrainingControl/StartRun',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.StartRunRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.StartRunResponse.FromString,
+                _registered_method=True)
         self.ReportEpoch = channel.unary_unary(
                 '/trainingcontrol.v1.TrainingControl/ReportEpoch',
                 request_serializer=trainer__client_dot_api_dot_control__pb2.EpochReport.SerializeToString,
                 response_deserializer=trainer__client_dot_api_dot_control__pb2.Decision.FromString,
+                _registered_method=True)
+        self.FinishRun = channel.unary_unary(
+                '/trainingcontrol.v1.TrainingControl/FinishRun',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.FinishRunRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.FinishRunResponse.FromString,
                 _registered_method=True)
 
 
 class TrainingControlServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def StartRun(self, request, context):
+        """Opens a new attempt of the run (call once at start, and again on resume).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportEpoch(self, request, context):
-        """Idempotent per (run_id, epoch): a retry gets the recorded decision back.
+        """Idempotent per (run_id, attempt, epoch): a retry with the same payload gets
+        the recorded decision back; a different payload for a recorded epoch, or an
+        epoch older than the attempt's last, is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishRun(self, request, context):
+        """Records how the attempt ended and its final metrics.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -54,10 +80,20 @@ class TrainingControlServicer:
 
 def add_TrainingControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'StartRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRun,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.StartRunRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.StartRunResponse.SerializeToString,
+            ),
             'ReportEpoch': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEpoch,
                     request_deserializer=trainer__client_dot_api_dot_control__pb2.EpochReport.FromString,
                     response_serializer=trainer__client_dot_api_dot_control__pb2.Decision.SerializeToString,
+            ),
+            'FinishRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishRun,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.FinishRunRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.FinishRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -69,6 +105,33 @@ def add_TrainingControlServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TrainingControl:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def StartRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.TrainingControl/StartRun',
+            trainer__client_dot_api_dot_control__pb2.StartRunRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.StartRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def ReportEpoch(request,
@@ -87,6 +150,33 @@ class TrainingControl:
             '/trainingcontrol.v1.TrainingControl/ReportEpoch',
             trainer__client_dot_api_dot_control__pb2.EpochReport.SerializeToString,
             trainer__client_dot_api_dot_control__pb2.Decision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.TrainingControl/FinishRun',
+            trainer__client_dot_api_dot_control__pb2.FinishRunRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.FinishRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
