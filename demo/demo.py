@@ -12,7 +12,8 @@ the server. Everything lands under var/demo/.
 
 ``demo.py --simulated`` runs the quick simulated demo instead (no torch): a
 simulated trainer whose second intervention collapses, so every kind of
-decision shows up, including a rollback.
+decision shows up, including a rollback. It has its own folder,
+var/demo-simulated/, so it never touches what the real demo made.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
 HERE = Path(__file__).resolve().parent
+#: Each demo its own folder: each starts by clearing what an earlier run of it left.
 WORK = HERE.parent / "var" / "demo"
+SIMULATED_WORK = HERE.parent / "var" / "demo-simulated"
 DATASET_ID = 42
 NNUNET_RUN_ID = "Dataset042_Disc__nnUNetTrainerControlled__nnUNetPlans__2d__fold_0"
 SIM_RUN_ID = "demo-Dataset042_Disc-2d-fold0"
@@ -273,9 +276,16 @@ def main() -> int:
     parser.add_argument(
         "--iterations", type=int, default=10, help="real demo: train iterations per epoch (10)"
     )
-    parser.add_argument("--work", type=Path, help="output folder (default var/demo)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="output folder (default var/demo, or var/demo-simulated with --simulated)",
+    )
     args = parser.parse_args()
-    work = args.work.resolve() if args.work is not None else WORK
+    if args.work is not None:
+        work = args.work.resolve()
+    else:
+        work = SIMULATED_WORK if args.simulated else WORK
     # The demo's children find this checkout even without an installed package.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
