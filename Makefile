@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test fuzz bench proto proto-check lint typecheck clean
+.PHONY: demo test wheel fuzz bench proto proto-check lint typecheck clean
 
 # torch first, and pinned again beside the project: the nnunet extra pulls
 # timm -> torchvision, whose newest release would otherwise drag in a newer
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q
+
+# The project's wheel in dist/, for machines without the checkout (README: Put it on
+# a training). Offline: the venv's setuptools builds it (in [dev]).
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --no-build-isolation --wheel-dir dist .
 
 # The hostile-input fuzz at length (make test runs 1,000 cases per property).
 FUZZ_EXAMPLES ?= 20000
@@ -53,4 +58,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy control_server trainer_client
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) *.egg-info build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
