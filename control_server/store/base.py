@@ -263,6 +263,11 @@ class Store(ABC):
     def check_integrity(self) -> None:
         """Raise StoreUnavailable if the database fails its own integrity check."""
 
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Raise StoreUnavailable unless a write transaction commits now (the server's
+        health probe, every few seconds: cheap, and leaving nothing behind)."""
+
     def setting_warnings(self) -> list[str]:
         """What in the database's own settings will hurt this store, one sentence each
         (the server logs them at start); none by default."""

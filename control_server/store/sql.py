@@ -89,6 +89,10 @@ class Session(Protocol):
 S = TypeVar("S", bound=Session)
 
 
+#: The schema_version row `check_writable` writes and deletes (never committed).
+_PROBE_VERSION = -1
+
+
 class SqlStore(Store, Generic[S]):
     """The shared SQL of `Store`; a subclass supplies the dialect (see the module)."""
 
@@ -165,6 +169,16 @@ class SqlStore(Store, Generic[S]):
     def schema_version(self) -> int:
         with self._reading() as s:
             return self._read_level(s)
+
+    def check_writable(self) -> None:
+        """A row written and deleted in one transaction: the whole write path (locks,
+        log, commit) runs, and nothing is left (an unchanged row would write nothing)."""
+        with self._writing() as s:
+            s.execute(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                (_PROBE_VERSION, "write probe", self.codec.time(datetime.now(UTC))),
+            )
+            s.execute("DELETE FROM schema_version WHERE version = ?", (_PROBE_VERSION,))
 
     # --- decisions ----------------------------------------------------------------------
 
