@@ -21,6 +21,7 @@ from control_server.admin import AdminService
 from control_server.decider import Decider
 from control_server.domain import DomainError
 from control_server.identity import current_actor
+from control_server.redact import client_details, redact
 from control_server.watch import Watches
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -37,10 +38,11 @@ _MAX_DETAILS = 1000
 
 async def _abort(rpc: str, context: grpc.aio.ServicerContext, exc: DomainError) -> None:
     code = status_of(exc)
-    details = str(exc)
+    # The log has the cause; a client never gets the store's own message (path, URL).
+    logger.warning("[%s] %s: %s", rpc, code.name, redact(str(exc))[:_MAX_DETAILS])
+    details = client_details(exc)
     if len(details) > _MAX_DETAILS:
         details = details[: _MAX_DETAILS - 3] + "..."
-    logger.warning("[%s] %s: %s", rpc, code.name, details)
     await context.abort(code, details)
 
 

@@ -122,6 +122,13 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
     ever writing it, also on a read-only volume; every write raises
     StoreUnavailable. With ``remember_contexts`` (the decider's store) each
     connection remembers the runs' next contexts between batches (ContextCache).
+    With ``create=False`` a missing file is an error instead of a new, empty store.
+
+    A writable store remembers which file it opened (device and inode) and checks,
+    before each write transaction (one stat), that the file at its path is still that
+    one: a file deleted, or its directory, or replaced under a running server would
+    otherwise go on taking writes that nobody can read back. It then answers
+    StoreUnavailable until restarted.
     """
 
     codec = CODEC
@@ -141,8 +148,11 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         migrations: Traversable = MIGRATIONS,
         read_only: bool = False,
         remember_contexts: bool = False,
+        create: bool = True,
     ) -> None:
         self._path = str(path)
+        #: (st_dev, st_ino) of the file opened; None until opened, and for read-only stores.
+        self._identity: tuple[int, int] | None = None
         self._remember = remember_contexts
         self._busy_timeout = busy_timeout
         self._read_only = read_only
@@ -151,13 +161,14 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
-        if read_only:
-            if not Path(self._path).is_file():
-                raise StoreUnavailable(f"sqlite store {self._path}: no such file")
-        else:
+        if (read_only or not create) and not Path(self._path).is_file():
+            raise StoreUnavailable(f"sqlite store {self._path}: no such file")
+        if not read_only:
             _require_writable(Path(self._path))
         try:
             conn = self._connection()
+            if not read_only:
+                self._identity = _file_identity(self._path)
             if read_only:
                 self._level = self._read_level(conn)
                 check_current(self._level, len(load_migrations(migrations)))
@@ -189,6 +200,8 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
+        # A new connection opens whatever file is at the path now (or creates one).
+        self._check_identity()
         try:
             conn = self._connect()
         except sqlite3.Error as exc:
@@ -267,6 +280,8 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         if conn.in_transaction:
             yield conn
             return
+        if write:
+            self._check_identity()
         cache = self._contexts() if write else None
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -290,6 +305,22 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
     def write_transaction(self) -> Iterator[None]:
         with self._transaction(write=True, batch=True):
             yield
+
+    def _check_identity(self) -> None:
+        """Raise StoreUnavailable unless the file at the path is the one opened."""
+        if self._identity is None:
+            return  # read-only, or still opening: nothing to compare with yet
+        try:
+            now: tuple[int, int] | None = _file_identity(self._path)
+        except OSError:
+            now = None
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StoreUnavailable(
+                f"sqlite store {self._path}: the database file was {what} while the server "
+                "was running; nothing more is recorded: restore the file (or its "
+                "directory) and restart the server"
+            )
 
     def close(self) -> None:
         """Close every connection; later calls raise StoreUnavailable."""
@@ -521,6 +552,12 @@ def _unavailable(path: str, exc: sqlite3.Error) -> StoreUnavailable:
         # ext4 turns a volume read-only on errors without saying so in statvfs.
         message += " (the volume holding it failed or turned read-only; see the kernel log)"
     return StoreUnavailable(message)
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """(device, inode) of the file at `path` (OSError when there is none)."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def _require_writable(path: Path) -> None:
