@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-import yaml
-
 from control_server.domain import (
+    Action,
     Decision,
     DecisionFilter,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Override,
@@ -27,19 +27,22 @@ from control_server.domain import (
     PolicyPin,
     PolicyVersion,
     PolicyView,
+    Report,
     RunDetail,
     RunEpoch,
     RunFilter,
+    RunLabels,
     RunSelector,
     RunSummary,
     ShadowSummary,
 )
-from control_server.policy.document import PolicyDoc, parse_policy, parse_policy_yaml
-from control_server.report_epoch import utc_now
+from control_server.policy.document import PolicyDoc, parse_policy_source
+from control_server.report_epoch import PolicyCache, utc_now
 from control_server.store import Store
 from trainer_client.vocabulary import LossWeightError, check_loss_weights
 
 logger = logging.getLogger(__name__)
+
 
 def store_policy(
     store: Store, doc: PolicyDoc, clock: Callable[[], datetime] = utc_now
@@ -56,6 +59,9 @@ def validate_override(override: Override) -> None:
     """Raise InvalidArgument naming the first bad field of an override request."""
     if not override.run_id.strip():
         raise InvalidArgument("run_id", "must not be empty")
+    if override.action is not None:
+        _check_operator_action(override)
+        return
     if override.lr is not None and not (math.isfinite(override.lr) and override.lr > 0):
         raise InvalidArgument("lr", f"must be a finite number > 0, but got {override.lr!r}")
     try:
@@ -68,21 +74,60 @@ def validate_override(override: Override) -> None:
         raise InvalidArgument(
             "override", "set at least one of lr, loss_weights and hold_interventions"
         )
+    if override.exceed_lr_cap:
+        if override.lr is None:
+            raise InvalidArgument("exceed_lr_cap", "applies to lr, but lr is not set")
+        if not override.reason.strip():
+            raise InvalidArgument(
+                "reason", "must say why the LR may exceed the policy's cap (exceed_lr_cap is set)"
+            )
+
+
+def _check_operator_action(override: Override) -> None:
+    """A STOP or ROLLBACK sets nothing else (a ROLLBACK's LR and weights are the server's)."""
+    action = override.action
+    if action not in (Action.STOP, Action.ROLLBACK):
+        name = action.value if action is not None else "none"
+        raise InvalidArgument("action", f"must be STOP or ROLLBACK, but got {name}")
+    for field_name, is_set in (
+        ("lr", override.lr is not None),
+        ("loss_weights", bool(override.loss_weights)),
+        ("hold_interventions", override.hold_interventions),
+        ("exceed_lr_cap", override.exceed_lr_cap),
+    ):
+        if is_set:
+            raise InvalidArgument(
+                field_name, f"must not be set with action {action.value}, which sets nothing else"
+            )
+
+
+def rollback_target(override: Override, epochs: Sequence[tuple[Report, Decision]]) -> Override:
+    """A ROLLBACK override with what it restores: the LR and weights reported at the run's
+    last intervention (automatic or an override's), which the trainer snapshotted before
+    applying it. Raises FailedPrecondition when there is none left to undo."""
+    for report, decision in reversed(epochs):
+        if decision.action == Action.ROLLBACK:
+            raise FailedPrecondition(
+                f"run {override.run_id!r} has no intervention to roll back: its last one was "
+                f"already rolled back at epoch {decision.epoch}"
+            )
+        if decision.action == Action.INTERVENE:
+            return replace(
+                override,
+                lr=report.current_lr,
+                loss_weights=report.loss_weights,
+                rollback_epoch=report.epoch,
+            )
+    what = f"none in its {len(epochs)} reported epochs" if epochs else "it has not reported yet"
+    raise FailedPrecondition(
+        f"run {override.run_id!r} has no intervention to roll back ({what}); "
+        "a STOP, or an override of lr or loss_weights, may be what is meant"
+    )
 
 
 def _check_selector(selector: RunSelector) -> None:
     if selector.specificity == 0:
         raise InvalidArgument("selector", "set at least one of dataset, configuration and fold")
-
-
-def _reject_yaml_aliases(text: str) -> None:
-    """Anchors and aliases can expand into huge documents; policies do not need them."""
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                raise InvalidArgument("yaml", "YAML aliases (*name) are not supported")
-    except yaml.YAMLError as exc:
-        raise InvalidArgument("yaml", f"not valid YAML: {exc}") from exc
 
 
 class AdminService:
@@ -91,12 +136,36 @@ class AdminService:
     def __init__(self, store: Store, clock: Callable[[], datetime] = utc_now) -> None:
         self.store = store
         self._clock = clock
+        self._policies = PolicyCache(store)
 
     # --- overrides --------------------------------------------------------------------
 
-    def set_override(self, override: Override, actor: str) -> Override:
-        """Validate and store an override; it replaces the run's active one."""
+    def set_override(
+        self, override: Override, actor: str, *, allow_unknown_run: bool = False
+    ) -> Override:
+        """Validate and store an override; it replaces the run's active one (named in
+        the result's `replaced_override_id`).
+
+        A run id the server has never seen is NotFound (a typo, most likely) unless
+        `allow_unknown_run`. An LR above the cap of the policy steering the run is
+        refused unless `exceed_lr_cap`. STOP and ROLLBACK apply once; a ROLLBACK
+        with no intervention to undo is FailedPrecondition.
+        """
         validate_override(override)
+        found = self.store.get_run(override.run_id)
+        if found is None and not allow_unknown_run:
+            raise NotFound(
+                f"run {override.run_id!r} has never reported to this server; check the run id, "
+                "or set allow_unknown_run (controlctl: --allow-unknown-run) to set an override "
+                "for a run that has not started yet"
+            )
+        epochs = found[1] if found is not None else []
+        if override.action is not None:
+            override = replace(override, once=True)
+            if override.action == Action.ROLLBACK:
+                override = rollback_target(override, epochs)
+        elif override.lr is not None:
+            self._check_lr_cap(override, found[0].labels if found else None, epochs)
         stored = self.store.set_override(
             replace(
                 override,
@@ -108,16 +177,51 @@ class AdminService:
             )
         )
         logger.info(
-            "[SetOverride] run=%s override=%s by %s: lr=%s weights=%s hold=%s once=%s",
+            "[SetOverride] run=%s override=%s by %s: action=%s lr=%s weights=%s hold=%s once=%s "
+            "exceed_lr_cap=%s replaced=%s",
             stored.run_id,
             stored.override_id,
             actor,
+            stored.action.value if stored.action is not None else "-",
             stored.lr,
             dict(stored.loss_weights),
             stored.hold_interventions,
             stored.once,
+            stored.exceed_lr_cap,
+            stored.replaced_override_id,
         )
         return stored
+
+    def _check_lr_cap(
+        self,
+        override: Override,
+        labels: RunLabels | None,
+        epochs: Sequence[tuple[Report, Decision]],
+    ) -> None:
+        """Refuse an LR above the cap of the policy that steers the run (pinned or active):
+        its interventions.max_lr, or else the run's initial_lr, as its interventions are
+        capped. A run that has not reported under a policy without max_lr has no cap yet."""
+        lr = override.lr
+        next_epoch = epochs[-1][0].epoch + 1 if epochs else 0
+        context = self.store.load_context(override.run_id, next_epoch, labels)
+        version = context.pinned_policy or context.active_policy
+        if lr is None or version is None or override.exceed_lr_cap:
+            return
+        doc = self._policies.get(version)
+        steering = f"policy {doc.name}@{version}"
+        if doc.interventions.max_lr is not None:
+            cap, what = doc.interventions.max_lr, f"the interventions.max_lr of {steering}"
+        elif epochs:
+            cap = epochs[-1][0].initial_lr
+            what = f"the run's initial_lr ({steering} sets no interventions.max_lr)"
+        else:
+            return
+        if lr > cap:
+            raise InvalidArgument(
+                "lr",
+                f"must be at most {cap:g}, {what}, but got {lr!r}; set exceed_lr_cap "
+                "(controlctl: --exceed-lr-cap) with a reason to go above it",
+            )
 
     def clear_override(self, run_id: str, actor: str) -> Override | None:
         """Clear the run's active override; None when it had none."""
@@ -143,11 +247,7 @@ class AdminService:
         `source` is plain data or YAML/JSON text. An invalid document raises
         InvalidArgument naming the field and stores nothing.
         """
-        if isinstance(source, str):
-            _reject_yaml_aliases(source)
-            doc = parse_policy_yaml(source)
-        else:
-            doc = parse_policy(source)
+        doc = parse_policy_source(source)
         created = self.store.get_policy(doc.version) is None
         stored = store_policy(self.store, doc, self._clock)
         logger.info(

@@ -21,6 +21,7 @@ from control_server.report_epoch import PolicyCache
 from control_server.store import open_store
 from control_server.store.factory import redact_url
 from control_server.tokens import create_token, load_tokens, revoke_token
+from control_server.watch import MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_TOKEN
 from trainer_client.client import is_loopback
 
 logger = logging.getLogger("control_server")
@@ -62,6 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "pass --tls-cert/--tls-key",
             args.listen,
         )
+    if args.policy is not None:
+        load_policy_file(args.policy)  # a bad file fails here, before a store is made
     config = ServerConfig(
         listen=args.listen,
         store_url=args.store,
@@ -72,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         metrics_listen=args.metrics_listen,
+        max_watch_streams=args.max_watch_streams,
+        max_watch_streams_per_token=args.max_watch_streams_per_token,
+        audit_retention_days=args.audit_retention_days,
     )
     asyncio.run(_serve(config))
     return 0
@@ -185,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics",
+    )
+    serve.add_argument(
+        "--max-watch-streams",
+        type=int,
+        default=MAX_WATCH_STREAMS,
+        metavar="N",
+        help=f"open WatchDecisions streams accepted (default {MAX_WATCH_STREAMS})",
+    )
+    serve.add_argument(
+        "--max-watch-streams-per-token",
+        type=int,
+        default=MAX_WATCH_STREAMS_PER_TOKEN,
+        metavar="N",
+        help="open WatchDecisions streams one token may hold, with --auth-file "
+        f"(default {MAX_WATCH_STREAMS_PER_TOKEN})",
+    )
+    serve.add_argument(
+        "--audit-retention-days",
+        type=float,
+        default=0.0,
+        metavar="DAYS",
+        help="delete admin events older than this, hourly (default 0: keep them all)",
     )
     serve.add_argument(
         "--insecure",

@@ -6,7 +6,12 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from control_server.policy.document import PolicyDoc, parse_policy_yaml
+from control_server.policy.document import (
+    PolicyDoc,
+    PolicyError,
+    parse_policy_source,
+    parse_policy_yaml,
+)
 
 __all__ = ["DEFAULT_POLICY_RESOURCE", "default_policy", "load_policy_file"]
 
@@ -15,9 +20,13 @@ DEFAULT_POLICY_RESOURCE = "default.yaml"
 
 
 def load_policy_file(path: str | Path) -> PolicyDoc:
-    """Read and validate a YAML policy file."""
+    """Read and validate a YAML policy file, with the limits and rules PutPolicy applies
+    (`parse_policy_source`); a PolicyError names the file."""
     text = Path(path).read_text(encoding="utf-8")
-    return parse_policy_yaml(text)
+    try:
+        return parse_policy_source(text)
+    except PolicyError as exc:
+        raise PolicyError(exc.field, f"{exc.problem} (in {path})") from None
 
 
 def default_policy() -> PolicyDoc:

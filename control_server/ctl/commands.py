@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from control_server.ctl import render
-from control_server.policy.document import PolicyError, parse_policy
+from control_server.policy.document import PolicyError, parse_policy_source
 from trainer_client.api import control_pb2 as pb
 
 __all__ = [
@@ -205,9 +203,7 @@ def _diff_side(ctl: Ctl, ref: str | None) -> tuple[str, str]:
         policy = ctl.call("GetPolicy", pb.GetPolicyRequest(version=ref or ""))
         return f"{policy.version} ({policy.name})", render.policy_yaml(render.policy_data(policy))
     try:
-        doc = parse_policy(yaml.safe_load(read_file(path)))
-    except yaml.YAMLError as error:
-        raise UsageError(f"{path}: not valid YAML: {error}") from None
+        doc = parse_policy_source(read_file(path))
     except PolicyError as error:
         raise UsageError(f"{path}: {error}") from None
     return str(path), render.policy_yaml(doc.to_mapping())

@@ -7,6 +7,7 @@ from control_server.policy.document import (
     PolicyDoc,
     PolicyError,
     parse_policy,
+    parse_policy_source,
     parse_policy_yaml,
 )
 from control_server.policy.engine import last_verdict, step
@@ -23,6 +24,7 @@ __all__ = [
     "PolicyState",
     "last_verdict",
     "parse_policy",
+    "parse_policy_source",
     "parse_policy_yaml",
     "step",
 ]

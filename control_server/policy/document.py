@@ -4,6 +4,10 @@ YAML on disk and the same schema over gRPC. Every number of the decision policy
 is a field here. Parsing is strict: an unknown key, a wrong type, an
 out-of-range number or an unknown loss component raises `PolicyError` naming
 the field (dotted path, e.g. ``plateau.patience``).
+
+A document from outside (a ``--policy`` file, PutPolicy's YAML or structure)
+goes through `parse_policy_source`, which bounds its size and nesting before
+anything is built from it and refuses YAML aliases.
 """
 
 from __future__ import annotations
@@ -155,12 +159,101 @@ def parse_policy(data: Any) -> PolicyDoc:
     return PolicyDoc(name, description, plateau, interventions, guard)
 
 
+def parse_policy_source(source: Mapping[str, Any] | str) -> PolicyDoc:
+    """Validate a document from outside: YAML/JSON text or plain data (a Struct's).
+
+    Both forms obey the same limits, checked before anything is built from the
+    document: at most `MAX_POLICY_BYTES` (the text, or the data as JSON), at
+    most `MAX_POLICY_DEPTH` nested collections, no YAML aliases.
+    """
+    if isinstance(source, str):
+        return parse_policy_yaml(source)
+    _check_depth(source)
+    _check_size(len(json.dumps(source, default=str).encode()))
+    return parse_policy(source)
+
+
 def parse_policy_yaml(text: str) -> PolicyDoc:
+    """Validate YAML (or JSON) text, within the limits of `parse_policy_source`."""
+    _check_size(len(text.encode()))
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError as exc:
         raise PolicyError("policy", f"not valid YAML: {exc}") from exc
     return parse_policy(data)
+
+
+# --- limits -----------------------------------------------------------------
+
+#: The largest policy document accepted, in bytes (the shipped one is about 1 KB).
+MAX_POLICY_BYTES = 64 * 1024
+#: The deepest nesting of mappings and lists accepted (the schema needs 4:
+#: ``interventions.random_mixes[i].dice``).
+MAX_POLICY_DEPTH = 8
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_POLICY_BYTES:
+        raise PolicyError(
+            "policy", f"must be at most {MAX_POLICY_BYTES} bytes, but got {size} bytes"
+        )
+
+
+def _too_deep() -> PolicyError:
+    return PolicyError(
+        "policy",
+        f"must nest mappings and lists at most {MAX_POLICY_DEPTH} levels deep, "
+        "but got deeper nesting",
+    )
+
+
+def _check_depth(data: Any) -> None:
+    """Refuse data nested deeper than MAX_POLICY_DEPTH (walked without recursion)."""
+    pending: list[tuple[Any, int]] = [(data, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, Mapping):
+            children: Any = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if depth >= MAX_POLICY_DEPTH:
+            raise _too_deep()
+        pending.extend((child, depth + 1) for child in children)
+
+
+class _BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """PyYAML's safe loader, stopping at MAX_POLICY_DEPTH and refusing aliases.
+
+    The depth is checked twice: in the composer, for every collection, and in
+    the scanner, for flow collections (``[[[[``), whose look-ahead costs time
+    quadratic in their depth before the composer sees anything. Aliases can
+    expand a small text into a huge document; policies do not need them.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_POLICY_DEPTH:
+            raise _too_deep()
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            raise PolicyError("policy", "YAML aliases (*name) are not supported")
+        collection = self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent)
+        if collection:
+            self._depth += 1
+            if self._depth > MAX_POLICY_DEPTH:
+                raise _too_deep()
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            if collection:
+                self._depth -= 1
 
 
 # --- field validation -------------------------------------------------------

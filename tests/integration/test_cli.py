@@ -97,6 +97,32 @@ def test_serve_refuses_an_invalid_policy_naming_the_field(tmp_path: Path) -> Non
     assert "plateau.patience" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("name: " + "[" * 20_000 + "]" * 20_000 + "\n", "levels deep"),
+        ("name: a\nplateau: &p {patience: 2}\nx: *p\n", "YAML aliases (*name) are not supported"),
+    ],
+    ids=["nested", "alias"],
+)
+def test_serve_refuses_a_policy_file_put_policy_would_refuse(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text(text)
+    began = time.monotonic()
+    result = cli(
+        "serve", "--store", f"sqlite:///{tmp_path}/c.db", "--policy", str(hostile), cwd=tmp_path
+    )
+    assert time.monotonic() - began < 30  # the nested one cost 25 s of CPU, then a traceback
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("control-server serve: policy: ") and says in line
+    assert str(hostile) in line
+    assert not (tmp_path / "c.db").exists()
+
+
 def test_replay_reproduces_the_record_and_catches_a_tampered_decision(
     tmp_path: Path, policy_file: Path
 ) -> None:

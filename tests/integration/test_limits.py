@@ -1,25 +1,29 @@
-"""Message size limits, on both sides of ReportEpoch.
+"""Input limits: message sizes on both sides of ReportEpoch, policy documents' size and depth.
 
 The server refuses a request over `--max-message-bytes` with RESOURCE_EXHAUSTED
 (gRPC's own receive limit: the servicer never sees it) and serves on; an
 answer over the limit is not sent either. The trainer client's
 `max_message_bytes` refuses an oversized request before it leaves and an
 oversized answer when it arrives; fail-open turns either into None and one
-warning, and the training goes on.
+warning, and the training goes on. A policy document (PutPolicy's YAML or
+structure) too large or nested too deep is INVALID_ARGUMENT at once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.struct_pb2 import Struct
 
 from control_server.domain import DecisionFilter
+from control_server.policy.document import MAX_POLICY_BYTES, MAX_POLICY_DEPTH
 from control_server.store import open_store
-from tests.conftest import ServerProcess, ServerThread
+from tests.conftest import ServerProcess, ServerThread, Stubs
 from tests.factories import epoch_report
 from trainer_client import ClientConfig, ControlClient, ControlRejected
 from trainer_client.api import control_pb2 as pb
@@ -93,6 +97,46 @@ def test_an_answer_over_the_server_limit_is_not_sent_and_the_server_serves_on(
             pb.ListDecisionsRequest(run_id="run-long-history", limit=3), timeout=CALL_TIMEOUT_S
         )
         assert [d.epoch for d in listed.decisions] == [0, 1, 2]
+
+
+# --- policy documents -------------------------------------------------------------------
+
+#: 40 KB of nested lists: it cost the server 25 s of CPU and answered UNKNOWN/RecursionError.
+NESTED_YAML = "name: " + "[" * 20_000 + "]" * 20_000 + "\n"
+
+
+def nested_struct(depth: int) -> Struct:
+    data: dict[str, object] = {"name": "deep"}
+    inner = data
+    for _ in range(depth):
+        inner["description"] = inner = {}
+    document = Struct()
+    document.update(data)
+    return document
+
+
+@pytest.mark.parametrize(
+    ("request_", "says"),
+    [
+        (pb.PutPolicyRequest(yaml=NESTED_YAML), "levels deep"),
+        (pb.PutPolicyRequest(document=nested_struct(MAX_POLICY_DEPTH)), "levels deep"),
+        (pb.PutPolicyRequest(yaml="x" * (MAX_POLICY_BYTES + 1)), f"at most {MAX_POLICY_BYTES}"),
+    ],
+    ids=["nested-yaml", "nested-struct", "large-yaml"],
+)
+def test_a_policy_too_deep_or_too_large_is_invalid_argument_at_once(
+    stubs: Stubs, request_: pb.PutPolicyRequest, says: str
+) -> None:
+    before = stubs.admin.ListPolicies(pb.ListPoliciesRequest(), timeout=CALL_TIMEOUT_S)
+    began = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as refused:
+        stubs.admin.PutPolicy(request_, timeout=CALL_TIMEOUT_S)
+    assert time.perf_counter() - began < 1.0
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("policy: must ")
+    assert says in (refused.value.details() or "")
+    after = stubs.admin.ListPolicies(pb.ListPoliciesRequest(), timeout=CALL_TIMEOUT_S)
+    assert after == before
 
 
 # --- the trainer client ---------------------------------------------------------------

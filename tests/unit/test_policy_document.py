@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from control_server.policy import PolicyError, parse_policy, parse_policy_yaml
+from control_server.policy import PolicyError, parse_policy, parse_policy_source, parse_policy_yaml
+from control_server.policy.document import MAX_POLICY_BYTES, MAX_POLICY_DEPTH
 from control_server.policy_files import default_policy, load_policy_file
 
 
@@ -97,3 +100,65 @@ def test_versions_are_content_hashes() -> None:
         "guard.\n"
     )
     assert reordered.version == changed.version
+
+
+#: The hostile document: 40 KB of nested flow lists (it cost 25 s of CPU, then a RecursionError).
+NESTED = "name: " + "[" * 20_000 + "]" * 20_000 + "\n"
+
+
+def nested_data(depth: int) -> dict[str, object]:
+    data: dict[str, object] = {"name": "deep"}
+    inner = data
+    for _ in range(depth):
+        inner["description"] = inner = {}
+    return data
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        NESTED,
+        "name: " + "{a: " * 10_000 + "}" * 10_000 + "\n",
+        "".join(" " * i + f"k{i}:\n" for i in range(300)),  # block mappings, 300 deep
+    ],
+    ids=["flow-lists", "flow-mappings", "block-mappings"],
+)
+def test_deep_nesting_is_refused_before_it_is_parsed(text: str) -> None:
+    began = time.perf_counter()
+    with pytest.raises(PolicyError) as err:
+        parse_policy_source(text)
+    assert time.perf_counter() - began < 0.5
+    assert err.value.field == "policy"
+    assert f"at most {MAX_POLICY_DEPTH} levels deep" in str(err.value)
+
+
+def test_a_document_over_the_size_limit_is_refused_by_size() -> None:
+    text = "description: " + "x" * MAX_POLICY_BYTES + "\n"
+    with pytest.raises(PolicyError, match=f"at most {MAX_POLICY_BYTES} bytes, but got"):
+        parse_policy_source(text)
+    with pytest.raises(PolicyError, match=f"at most {MAX_POLICY_BYTES} bytes, but got"):
+        parse_policy_source({"description": "x" * MAX_POLICY_BYTES})
+
+
+def test_text_and_data_obey_the_same_depth_and_alias_rules() -> None:
+    deep = nested_data(MAX_POLICY_DEPTH)
+    with pytest.raises(PolicyError, match="levels deep"):
+        parse_policy_source(deep)
+    with pytest.raises(PolicyError, match="levels deep"):
+        parse_policy_source(yaml.safe_dump(deep))
+    with pytest.raises(PolicyError, match="aliases"):
+        parse_policy_source("a: &x 3\nplateau: {patience: *x}\n")
+
+
+def test_the_shipped_default_is_within_the_limits_in_both_forms() -> None:
+    doc = default_policy()
+    assert parse_policy_source(doc.to_mapping()) == doc
+    assert parse_policy_source(yaml.safe_dump(doc.to_mapping())) == doc
+
+
+def test_a_policy_file_with_an_alias_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "aliased.yaml"
+    path.write_text("name: a\nplateau: &p {patience: 2}\nguard: {guard_epochs: 2}\nx: *p\n")
+    with pytest.raises(PolicyError) as err:
+        load_policy_file(path)
+    assert "aliases" in str(err.value) and str(path) in str(err.value)
