@@ -23,7 +23,6 @@ from control_server.store.factory import redact_url
 from control_server.tokens import TokenTable
 from control_server.watch import Watches
 from trainer_client.api import control_pb2 as pb
-from trainer_client.api import control_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +171,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         interceptors.append(AuthInterceptor(tokens))
     server = grpc.aio.server(options=options, interceptors=interceptors)
     TrainingControlServicer(decider, watches, metrics.count_decision).add_to_server(server)
-    pb_grpc.add_ControlAdminServicer_to_server(ControlAdminServicer(admin, watches), server)
+    ControlAdminServicer(admin, watches).add_to_server(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):

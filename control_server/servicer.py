@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from control_server import convert
 from control_server.admin import AdminService
 from control_server.decider import Decider
-from control_server.domain import DomainError
+from control_server.domain import DomainError, InvalidArgument
 from control_server.identity import current_actor
 from control_server.redact import client_details, redact
 from control_server.watch import Watches
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _TRAINING_CONTROL = pb.DESCRIPTOR.services_by_name["TrainingControl"].full_name
+_CONTROL_ADMIN = pb.DESCRIPTOR.services_by_name["ControlAdmin"]
 # Error details travel in trailers; a message quoting a huge value must not overflow them.
 _MAX_DETAILS = 1000
 
@@ -54,6 +56,36 @@ async def _handle(rpc: str, context: grpc.aio.ServicerContext, call: Callable[[]
     except DomainError as exc:
         await _abort(rpc, context, exc)
     raise AssertionError("unreachable: abort raises")
+
+
+async def _decode(
+    rpc: str, request_type: type[Message], raw: bytes, context: grpc.aio.ServicerContext
+) -> Any:
+    try:
+        return request_type.FromString(raw)
+    except DecodeError:
+        name = request_type.DESCRIPTOR.name
+        await _abort(rpc, context, InvalidArgument("request", f"not a valid {name} message"))
+    raise AssertionError("unreachable: abort raises")
+
+
+def _decoding_unary(
+    rpc: str, request_type: type[Message], behaviour: Callable[[Any, Any], Awaitable[Any]]
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def serve(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await behaviour(await _decode(rpc, request_type, raw, context), context)
+
+    return serve
+
+
+def _decoding_stream(
+    rpc: str, request_type: type[Message], behaviour: Callable[[Any, Any], AsyncIterator[Any]]
+) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def serve(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in behaviour(await _decode(rpc, request_type, raw, context), context):
+            yield response
+
+    return serve
 
 
 class TrainingControlServicer:
@@ -93,6 +125,29 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     def __init__(self, service: AdminService, watches: Watches) -> None:
         self._service = service
         self._watches = watches
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serve every ControlAdmin method, decoding its request here rather than in
+        grpc, which answers UNKNOWN to bytes that are not the method's message: they
+        end the call INVALID_ARGUMENT, as ReportEpoch's do."""
+        handlers = {}
+        for method in _CONTROL_ADMIN.methods:
+            request_type = getattr(pb, method.input_type.name)
+            serializer = getattr(pb, method.output_type.name).SerializeToString
+            behaviour = getattr(self, method.name)
+            if method.server_streaming:
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    _decoding_stream(method.name, request_type, behaviour),
+                    response_serializer=serializer,
+                )
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    _decoding_unary(method.name, request_type, behaviour),
+                    response_serializer=serializer,
+                )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_CONTROL_ADMIN.full_name, handlers),)
+        )
 
     # --- audit ------------------------------------------------------------------------
 

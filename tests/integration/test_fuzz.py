@@ -224,6 +224,29 @@ def test_plausible_reports_always_get_a_valid_decision_or_invalid_argument(
     check_outcome("/trainingcontrol.v1.TrainingControl/ReportEpoch", report, pb.Decision, channel)
 
 
+ADMIN = pb.DESCRIPTOR.services_by_name["ControlAdmin"]
+
+
+@pytest.mark.parametrize("method", list(ADMIN.methods), ids=lambda m: m.name)
+def test_bytes_that_are_no_message_get_invalid_argument_from_every_admin_rpc(
+    channel: grpc.Channel, method: d.MethodDescriptor
+) -> None:
+    path = f"/{ADMIN.full_name}/{method.name}"
+    garbage = b"\xff\xff\xff\x07not a protobuf message"
+    # No serializers: the bytes go out as they are.
+    if method.server_streaming:
+        with pytest.raises(grpc.RpcError) as refused:
+            next(iter(channel.unary_stream(path)(garbage, timeout=10)))
+    else:
+        with pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary(path)(garbage, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == f"request: not a valid {method.input_type.name} message"
+    # The same bytes, well formed, on the same channel: served.
+    reply = channel.unary_unary(f"/{ADMIN.full_name}/ListPolicies")(b"", timeout=10)
+    assert pb.ListPoliciesResponse.FromString(reply).active_version
+
+
 def test_after_the_fuzz_the_store_is_intact_and_replays(fuzz_server: ServerThread) -> None:
     """Runs last in this module (pytest keeps file order): the store survived it."""
     store = fuzz_server.running.store
