@@ -21,7 +21,7 @@ from control_server.servicer import ControlAdminServicer, TrainingControlService
 from control_server.store import Store, open_store
 from control_server.store.factory import redact_url
 from control_server.tokens import TokenTable
-from control_server.watch import Watches
+from control_server.watch import MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_TOKEN, Watches
 from trainer_client.api import control_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,11 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     #: HOST:PORT for Prometheus metrics over HTTP (/metrics); None: not served.
     metrics_listen: str | None = None
+    #: Open WatchDecisions streams accepted by this server, and per token (with auth).
+    max_watch_streams: int = MAX_WATCH_STREAMS
+    max_watch_streams_per_token: int = MAX_WATCH_STREAMS_PER_TOKEN
+    #: Days admin events are kept (older ones are deleted hourly); 0: kept forever.
+    audit_retention_days: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -64,6 +69,17 @@ class ServerConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError(
                 "tls_client_ca needs tls_cert and tls_key (client certificates need TLS)."
+            )
+        for name in ("max_watch_streams", "max_watch_streams_per_token"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name} (--{name.replace('_', '-')}) must be at least 1, "
+                    f"but got {getattr(self, name)}."
+                )
+        if not self.audit_retention_days >= 0:
+            raise ValueError(
+                "audit_retention_days (--audit-retention-days) must be 0 (keep every event) "
+                f"or more, but got {self.audit_retention_days}."
             )
 
 
@@ -150,7 +166,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
         raise
     metrics = Metrics()
     admin = AdminService(store)
-    watches = Watches(store)
+    watches = Watches(
+        store,
+        max_streams=config.max_watch_streams,
+        # Without auth every caller is "anonymous": no cap per token.
+        max_per_token=config.max_watch_streams_per_token if tokens is not None else None,
+    )
     try:
         decider = await Decider.start(config.store_url, observer=metrics.observe_commit)
     except BaseException:
@@ -165,7 +186,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ("grpc.so_reuseport", 0),
     ]
     # Metrics outermost, then the audit, then auth: refused calls are counted and recorded.
-    audit = AuditInterceptor(store)
+    audit = AuditInterceptor(store, retention_days=config.audit_retention_days)
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(metrics), audit]
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
@@ -187,6 +208,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         await decider.close()
         store.close()
         raise OSError(f"cannot listen on {config.listen}")
+    audit.start()
     await server.start()
     endpoint = metrics.serve(config.metrics_listen) if config.metrics_listen else None
     logger.info(

@@ -23,7 +23,7 @@ from control_server.decider import Decider
 from control_server.domain import DomainError, InvalidArgument
 from control_server.identity import current_actor
 from control_server.redact import client_details, redact
-from control_server.watch import Watches
+from control_server.watch import Watches, WatchLimitReached
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 from trainer_client.errors import status_of
@@ -181,9 +181,13 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
         self, request: pb.WatchDecisionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Decision]:
         try:
-            watch = self._watches.open(convert.watch_filter_from_proto(request))
+            watch = self._watches.open(convert.watch_filter_from_proto(request), current_actor())
         except DomainError as exc:
             await _abort("WatchDecisions", context, exc)
+            return
+        except WatchLimitReached as exc:
+            logger.warning("[WatchDecisions] RESOURCE_EXHAUSTED: %s", exc)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return
         try:
             await watch.open()

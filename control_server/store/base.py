@@ -256,6 +256,13 @@ class Store(ABC):
         """All admin events, oldest first (keys: actor, action, target, details, result, at)."""
 
     @abstractmethod
+    def delete_admin_events(self, before: datetime, limit: int) -> int:
+        """Delete up to `limit` of the admin events recorded before `before`, oldest
+        first, in one short write transaction; return how many (audit retention:
+        the caller repeats while it gets `limit`). Finding them does not hold the
+        write lock, so writers wait for the deletes alone."""
+
+    @abstractmethod
     def schema_version(self) -> int:
         """The migration level of the open database."""
 

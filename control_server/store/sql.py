@@ -468,3 +468,22 @@ class SqlStore(Store, Generic[S]):
             }
             for at, actor, action, target, details, result in rows
         ]
+
+    def delete_admin_events(self, before: datetime, limit: int) -> int:
+        cutoff = self.codec.time(before)
+        # Found in a read (no index on `at`: the scan must not hold the write lock),
+        # then deleted by their id range, which the primary key finds at once.
+        with self._reading() as s:
+            found = s.execute(
+                "SELECT min(id), max(id), count(*) FROM (SELECT id FROM admin_events "
+                "WHERE at < ? ORDER BY id LIMIT ?) AS old",
+                (cutoff, max(limit, 1)),
+            ).fetchone()
+        if not found[2]:
+            return 0
+        with self._writing() as s:
+            deleted = s.execute(
+                "DELETE FROM admin_events WHERE id >= ? AND id <= ? AND at < ?",
+                (found[0], found[1], cutoff),
+            )
+            return int(deleted.rowcount)
