@@ -23,8 +23,15 @@ measurements, as autovacuum would on a real server (the test servers of this
 project's machines run with autovacuum off; without it, latency at one report
 in flight doubles after the first heavy phase).
 
+Open WatchDecisions streams must not slow the trainers down: with ``--watches
+N`` (default 1,000) the SQLite server is also measured at 1 report in flight
+with N idle streams open (each watching a run that never reports, held by a
+subprocess of this script over several connections) and without, in
+alternation; the ratio of the p50s is printed (goal <= 1.5x).
+
 The last line is machine-readable, for the SQLite single server:
-``bench: decisions_per_s=N p50_ms=N p99_ms=N vs_echo=R``.
+``bench: decisions_per_s=N p50_ms=N p99_ms=N vs_echo=R watches=N watch_p50_ratio=R``
+(the last two only with ``--watches``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 from trainer_client.sim import SimulatedRun
 
@@ -67,6 +75,10 @@ CONTENDED_CPUS = 0.25
 COLLAPSE_EVERY = 4
 #: The admin connection used to create (and drop) the bench's PostgreSQL database.
 DEFAULT_POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+#: Streams the watch holder opens per connection (HTTP/2 allows ~100 by default).
+WATCHES_PER_CHANNEL = 100
+#: The goal for ReportEpoch's p50 with the watches open, as a ratio to none.
+WATCH_RATIO_GOAL = 1.5
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -389,6 +401,89 @@ def audit_note(by_action: dict[str, int], m: Measurement) -> tuple[bool, str]:
     )
 
 
+async def hold_watches(target: str, count: int) -> None:
+    """Open `count` idle WatchDecisions streams on `target`, print one line once all are
+    live, and hold them until stdin closes (the bench's side of `WatchHolder`)."""
+    channels = [
+        grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, ("bench.watch", i)])
+        for i in range(-(-count // WATCHES_PER_CHANNEL))
+    ]
+    calls = []
+    try:
+        for i in range(count):
+            stub = pb_grpc.ControlAdminStub(channels[i // WATCHES_PER_CHANNEL])
+            calls.append(stub.WatchDecisions(pb.WatchDecisionsRequest(run_id=f"idle-watch-{i}")))
+        # The server sends headers once a watch is live.
+        await asyncio.gather(*(call.initial_metadata() for call in calls))
+        print(f"watching {count}", flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+        for call in calls:
+            if call.done():
+                raise SystemExit(f"a watch ended: {await call.code()} {await call.details()}")
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+
+
+#: (streams open, measurements without them, measurements with them).
+WatchResults = tuple[int, list[Measurement], list[Measurement]]
+
+
+class WatchHolder:
+    """A subprocess holding N idle WatchDecisions streams open on a server."""
+
+    def __init__(self, target: str, count: int, log: Path) -> None:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--hold-watches", target,
+                "--watches", str(count)]  # fmt: skip
+        with log.open("w") as err:
+            self.proc = subprocess.Popen(
+                argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                text=True,
+            )  # fmt: skip
+        self.log = log
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("watching"):
+            self.stop()
+            raise BenchError(f"could not open {count} watches: {line!r}\n{log.read_text()}")
+
+    def stop(self) -> None:
+        """Close the streams (stdin closed), and fail if one ended before."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        if code != 0:
+            raise BenchError(f"the watch holder exited with {code}: {self.log.read_text()}")
+
+
+def measure_watches(
+    control: Target, load: Load, count: int, repeats: int, everyone: list[ServerProcess],
+    tmp: Path,
+) -> WatchResults:  # fmt: skip
+    """`load` against the control server without and with `count` idle watches open,
+    in alternation, `repeats` times each; print each measurement."""
+    without: list[Measurement] = []
+    with_watches: list[Measurement] = []
+    for r in range(1, repeats + 1):
+        m = measure(control, f"nowatch{r}", load, everyone)
+        without.append(m)
+        print(f"  no watch #{r}: {m.describe()}", flush=True)
+        holder = WatchHolder(control.address, count, tmp / "watches.log")
+        try:
+            m = measure(control, f"watch{r}", load, everyone)
+        finally:
+            holder.stop()
+        with_watches.append(m)
+        print(f"  {count} watches #{r}: {m.describe()}", flush=True)
+    return count, without, with_watches
+
+
 def start_servers(tmp: Path, db: Path, policy: Path, servers: list[ServerProcess]) -> None:
     """Start the echo and the control server (appended to `servers` as they start)."""
     echo = [sys.executable, str(REPO / "benchmarks" / "echo_server.py"), "--listen", LISTEN]
@@ -463,6 +558,7 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> int:
         title = f"{args.in_flight} runs at {args.rate:g} reports/s"
         light.append((title, replace(load, seconds=args.light_seconds, rate=args.rate)))
     failed = False
+    watch_results: WatchResults | None = None
     servers: list[ServerProcess] = []
     pg_url, pg_note = (
         create_postgres_database(args.postgres) if args.postgres else (None, "--postgres ''")
@@ -526,13 +622,23 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> int:
                     line += f"; {note}"
                 failed |= m.errors > 0
                 print(line, flush=True)
+        if args.watches:
+            print(
+                f"bench: ReportEpoch at 1 in flight without and with {args.watches} idle "
+                "WatchDecisions streams open (SQLite, 1 server)",
+                flush=True,
+            )
+            watch_results = measure_watches(
+                targets[1], light[0][1], args.watches, args.repeats, servers, tmp
+            )
+            failed |= any(m.errors for ms in watch_results[1:] for m in ms)
     finally:
         for server in servers:
             server.stop()
         if pg_url is not None:
             drop_postgres_database(args.postgres, pg_url)
 
-    print_summary(results, light_results, [title for title, _ in light], failed)
+    print_summary(results, light_results, [title for title, _ in light], failed, watch_results)
     return 1 if failed else 0
 
 
@@ -541,6 +647,7 @@ def print_summary(
     light_results: dict[str, list[Measurement]],
     light_titles: Sequence[str],
     failed: bool,
+    watch_results: WatchResults | None = None,
 ) -> None:
     """The human summary, the store and replica comparison, then the one machine-readable
     last line (SQLite, one server)."""
@@ -586,11 +693,24 @@ def print_summary(
             f"p99_ms={_p99(pg2):.1f} vs_one={_rate(pg2) / _rate(pg):.2f}",
             flush=True,
         )
+    watch_part = ""
+    if watch_results is not None:
+        count, without, with_watches = watch_results
+        p50_without = statistics.median(m.quantile_ms(0.5) for m in without)
+        p50_with = statistics.median(m.quantile_ms(0.5) for m in with_watches)
+        ratio = p50_with / p50_without
+        print(
+            f"latency with {count} idle watch streams open (1 in flight, SQLite): "
+            f"p50 {p50_with:.2f} ms, p99 {_p99(with_watches):.2f} ms; without: "
+            f"p50 {p50_without:.2f} ms, p99 {_p99(without):.2f} ms; p50 ratio {ratio:.2f}x "
+            f"(goal <= {WATCH_RATIO_GOAL:g}x{'' if ratio <= WATCH_RATIO_GOAL else ': MISSED'})"
+        )
+        watch_part = f" watches={count} watch_p50_ratio={ratio:.2f}"
     if failed:
         print("bench: FAILED: call errors, or decisions missing from the audit", file=sys.stderr)
     print(
         f"bench: decisions_per_s={rate:.0f} p50_ms={p50:.1f} p99_ms={p99:.1f} "
-        f"vs_echo={rate / echo_rate:.2f}",
+        f"vs_echo={rate / echo_rate:.2f}{watch_part}",
         flush=True,
     )
 
@@ -611,6 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured seconds of each low-load latency phase (default 2)")  # fmt: skip
     add("--policy", type=Path, default=DEFAULT_POLICY,
         help="policy YAML for the control server (default: the packaged default)")  # fmt: skip
+    add("--watches", type=int, default=1000, metavar="N",
+        help="also measure 1 report in flight with N idle WatchDecisions streams open; "
+             "0 skips (default 1000)")  # fmt: skip
+    add("--hold-watches", metavar="TARGET", help=argparse.SUPPRESS)  # the holder subprocess
     add("--postgres", default=DEFAULT_POSTGRES, metavar="URL",
         help="PostgreSQL server to compare with (a fresh database is created and dropped "
              f"through this URL; '' skips; default {DEFAULT_POSTGRES})")  # fmt: skip
@@ -620,6 +744,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, run the bench in a temporary directory; return the exit code."""
     args = build_parser().parse_args(argv)
+    if args.hold_watches:
+        asyncio.run(hold_watches(args.hold_watches, args.watches))
+        return 0
+    if args.watches < 0:
+        raise SystemExit("bench: --watches must be >= 0")
     for flag in ("in_flight", "repeats", "epochs", "channels"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"bench: --{flag.replace('_', '-')} must be >= 1")

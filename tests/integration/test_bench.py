@@ -1,0 +1,35 @@
+"""`make bench` in small: the bench runs end to end and its last line says what it measured,
+the latency with open WatchDecisions streams included (real servers, real streams)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+LAST_LINE = re.compile(
+    r"bench: decisions_per_s=\d+ p50_ms=[\d.]+ p99_ms=[\d.]+ vs_echo=[\d.]+ "
+    r"watches=(\d+) watch_p50_ratio=([\d.]+)"
+)
+
+
+SMALL = ["--in-flight", "4", "--seconds", "0.5", "--warmup", "0.2", "--repeats", "1",
+         "--rate", "0", "--light-seconds", "0.5", "--postgres", "", "--watches", "50"]  # fmt: skip
+
+
+def test_a_small_bench_measures_the_latency_with_watches_open() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", *SMALL],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    match = LAST_LINE.fullmatch(lines[-1])
+    assert match, lines[-1]
+    assert match.group(1) == "50" and float(match.group(2)) > 0
+    assert any("latency with 50 idle watch streams open" in line for line in lines)
