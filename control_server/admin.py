@@ -38,6 +38,7 @@ from control_server.domain import (
 )
 from control_server.policy.document import PolicyDoc, parse_policy_source
 from control_server.report_epoch import PolicyCache, utc_now
+from control_server.runs import RunLifecycle
 from control_server.store import Store
 from trainer_client.vocabulary import LossWeightError, check_loss_weights
 
@@ -133,10 +134,17 @@ def _check_selector(selector: RunSelector) -> None:
 class AdminService:
     """The operators' use cases."""
 
-    def __init__(self, store: Store, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], datetime] = utc_now,
+        runs: RunLifecycle | None = None,
+    ) -> None:
         self.store = store
         self._clock = clock
         self._policies = PolicyCache(store)
+        #: Whose view of a run's status (STALE) the run reads take.
+        self.runs = runs if runs is not None else RunLifecycle(store, clock)
 
     # --- overrides --------------------------------------------------------------------
 
@@ -324,20 +332,45 @@ class AdminService:
     # --- audit ------------------------------------------------------------------------
 
     def list_runs(self, run_filter: RunFilter) -> list[RunSummary]:
-        return self.store.list_runs(run_filter)
+        """Runs matching the filter, most recently active first, with their status
+        (ACTIVE and STALE are told apart here, so their filter reads every run not
+        finished and cuts to the limit after)."""
+        status = run_filter.status
+        if status is None or status.finished:
+            return self.runs.with_status(self.store.list_runs(run_filter))
+        unfinished = self.runs.with_status(self.store.list_runs(replace(run_filter, limit=0)))
+        return [r for r in unfinished if r.status is status][: run_filter.limit]
 
-    def get_run(self, run_id: str) -> RunDetail:
-        """A run's epochs (report, decision, shadow) in order and all its overrides."""
+    def get_run(self, run_id: str, from_epoch: int = 0, page_size: int = 0) -> RunDetail:
+        """One page of a run: up to `page_size` epochs (report, decision, shadow) from
+        `from_epoch` on (<= 0: all), the superseded epochs in the page's range, and
+        all its overrides and attempts."""
         if not run_id.strip():
             raise InvalidArgument("run_id", "must not be empty")
-        run = self.store.get_run(run_id)
+        # One more than the page, to know whether another page follows.
+        run = self.store.get_run(run_id, from_epoch, page_size + 1 if page_size > 0 else 0)
         if run is None:
             raise NotFound(f"run {run_id!r} is not recorded")
         summary, pairs = run
-        shadows = {d.epoch: d for d in self.store.shadow_decisions(run_id)}
+        next_epoch: int | None = None
+        if page_size > 0 and len(pairs) > page_size:
+            next_epoch = pairs[page_size][0].epoch
+            pairs = pairs[:page_size]
+        last = next_epoch - 1 if next_epoch is not None else None
+        shadows = {d.epoch: d for d in self.store.shadow_decisions(run_id, from_epoch, last)}
         overrides = self.store.list_overrides(run_id, include_cleared=True)
         epochs = tuple(RunEpoch(r, d, shadows.get(r.epoch)) for r, d in pairs)
-        return RunDetail(summary, epochs, tuple(overrides))
+        superseded = tuple(
+            RunEpoch(r, d) for r, d in self.store.superseded(run_id, from_epoch, last)
+        )
+        return RunDetail(
+            self.runs.with_status([summary])[0],
+            epochs,
+            tuple(overrides),
+            attempts=tuple(self.runs.attempts(run_id)),
+            superseded=superseded,
+            next_epoch=next_epoch,
+        )
 
     def list_decisions(self, decision_filter: DecisionFilter) -> list[Decision]:
         return self.store.list_decisions(decision_filter)

@@ -14,12 +14,15 @@ from control_server.admin import AdminService, store_policy
 from control_server.audit import AuditInterceptor
 from control_server.auth import AuthInterceptor
 from control_server.decider import Decider
+from control_server.listen import ListenError, bind
 from control_server.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
 from control_server.policy.document import PolicyDoc
 from control_server.policy_files import default_policy, load_policy_file
+from control_server.runs import DEFAULT_STALE_FACTOR, RunLifecycle
 from control_server.servicer import ControlAdminServicer, TrainingControlServicer
 from control_server.store import Store, open_store
 from control_server.store.factory import redact_url
+from control_server.store_health import StoreHealth
 from control_server.tokens import TokenTable
 from control_server.watch import MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_TOKEN, Watches
 from trainer_client.api import control_pb2 as pb
@@ -60,6 +63,9 @@ class ServerConfig:
     #: Open WatchDecisions streams accepted by this server, and per token (with auth).
     max_watch_streams: int = MAX_WATCH_STREAMS
     max_watch_streams_per_token: int = MAX_WATCH_STREAMS_PER_TOKEN
+    #: A run not finished is STALE after this many of its own median epoch times
+    #: without a report (and never sooner than a minute).
+    stale_factor: float = DEFAULT_STALE_FACTOR
     #: Days admin events are kept (older ones are deleted hourly); 0: kept forever.
     audit_retention_days: float = 0.0
 
@@ -103,6 +109,8 @@ class RunningServer:
     audit: AuditInterceptor
     #: The /metrics endpoint, when served.
     metrics_endpoint: MetricsEndpoint | None = None
+    #: Sets the health service NOT_SERVING while the store cannot write.
+    store_health: StoreHealth | None = None
 
     async def stop(self) -> None:
         """Refuse new calls, let in-flight ones finish, commit what is queued, close."""
@@ -111,6 +119,8 @@ class RunningServer:
         await self.server.stop(self.grace_s)
         await self.audit.close()
         await self.decider.close()
+        if self.store_health is not None:
+            await self.store_health.stop()
         self.store.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
@@ -165,15 +175,22 @@ async def start_server(config: ServerConfig) -> RunningServer:
         store.close()
         raise
     metrics = Metrics()
-    admin = AdminService(store)
+    runs = RunLifecycle(store, stale_factor=config.stale_factor)
+    admin = AdminService(store, runs=runs)
     watches = Watches(
         store,
         max_streams=config.max_watch_streams,
         # Without auth every caller is "anonymous": no cap per token.
         max_per_token=config.max_watch_streams_per_token if tokens is not None else None,
     )
+    health_servicer = health.aio.HealthServicer()
+    store_health = StoreHealth(store, health_servicer, (*SERVICE_NAMES, ""))
     try:
-        decider = await Decider.start(config.store_url, observer=metrics.observe_commit)
+        decider = await Decider.start(
+            config.store_url,
+            observer=metrics.observe_commit,
+            on_unavailable=store_health.probe_now,
+        )
     except BaseException:
         store.close()
         raise
@@ -191,26 +208,34 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    TrainingControlServicer(decider, watches, metrics.count_decision).add_to_server(server)
-    ControlAdminServicer(admin, watches).add_to_server(server)
-    health_servicer = health.aio.HealthServicer()
+    TrainingControlServicer(decider, watches, runs, metrics.count_decision).add_to_server(server)
+    ControlAdminServicer(admin, watches, config.max_message_bytes).add_to_server(server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    if credentials is None:
-        port = server.add_insecure_port(config.listen)
-    else:
-        port = server.add_secure_port(config.listen, credentials)
-    if port == 0:
+    try:
+        if credentials is None:
+            port = bind("listen", config.listen, lambda: server.add_insecure_port(config.listen))
+        else:
+            port = bind(
+                "listen", config.listen, lambda: server.add_secure_port(config.listen, credentials)
+            )
+        # Before anything starts: a busy metrics port fails the start as cleanly.
+        endpoint = None
+        if config.metrics_listen:
+            where = config.metrics_listen
+            endpoint = bind("metrics_listen", where, lambda: metrics.serve(where))
+    except ListenError:
+        await server.stop(None)
         await decider.close()
         store.close()
-        raise OSError(f"cannot listen on {config.listen}")
+        raise
     audit.start()
     await server.start()
-    endpoint = metrics.serve(config.metrics_listen) if config.metrics_listen else None
+    store_health.start()
     logger.info(
         "serving on port %d (store %s, policy %s, auth %s, tls %s)",
         port,
@@ -232,4 +257,5 @@ async def start_server(config: ServerConfig) -> RunningServer:
         metrics,
         audit,
         endpoint,
+        store_health,
     )

@@ -3,9 +3,10 @@
 Clients send ``authorization: Bearer TOKEN``; the token is looked up in the
 token file (`control_server.tokens`), which the server re-reads when it changes.
 
-Roles: ``trainer`` may call ReportEpoch only; ``operator`` the ControlAdmin
-reads and overrides; ``admin`` everything an operator may, plus the policy
-rollout RPCs. An RPC missing from the table is admin-only (fail closed).
+Roles: ``trainer`` may call TrainingControl (StartRun, ReportEpoch, FinishRun)
+only; ``operator`` the ControlAdmin reads and overrides; ``admin`` everything an
+operator may, plus the policy rollout RPCs. An RPC missing from the table is
+admin-only (fail closed).
 Health checks and server reflection need no token.
 """
 
@@ -55,7 +56,9 @@ OPEN_SERVICES = frozenset(
     }
 )
 
-_TRAINER_RPCS: dict[str, tuple[str, ...]] = {"TrainingControl": ("ReportEpoch",)}
+_TRAINER_RPCS: dict[str, tuple[str, ...]] = {
+    "TrainingControl": ("StartRun", "ReportEpoch", "FinishRun")
+}
 _OPERATOR_RPCS: dict[str, tuple[str, ...]] = {
     "ControlAdmin": (
         "ListRuns",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,15 +16,19 @@ from control_server.domain import (
     Action,
     Decision,
     DecisionFilter,
+    FinalMetrics,
     InvalidArgument,
     Override,
     PolicyCatalog,
     PolicyView,
     Report,
+    RunAttempt,
     RunDetail,
+    RunEpoch,
     RunFilter,
     RunLabels,
     RunSelector,
+    RunStatus,
     RunSummary,
     ShadowSummary,
     Source,
@@ -39,11 +44,22 @@ MAX_ID_LENGTH = 256
 MAX_REASON_LENGTH = 1024
 MAX_LIST_LIMIT = 1000
 MAX_DECISIONS_LIMIT = 10_000
+#: GetRun's epochs per page: the default, and the most a page may hold (with a shadow
+#: decision per epoch a page of the most stays far below gRPC's 4 MB message limit).
+DEFAULT_RUN_PAGE = 1000
+MAX_RUN_PAGE = 5000
+#: FinishRun keeps this much of a failure's text.
+MAX_ERROR_LENGTH = 4000
+#: FinishRun's Dice per class holds at most this many classes.
+MAX_CLASSES = 1000
 
 _ACTIONS = {a: pb.Action.Value(a.value) for a in Action}
 _SOURCES = {s: pb.Source.Value(s.value) for s in Source}
 _ACTIONS_BACK = {number: a for a, number in _ACTIONS.items()}
 _SOURCES_BACK = {number: s for s, number in _SOURCES.items()}
+_STATUSES = {s: pb.RunStatus.Value(s.value) for s in RunStatus}
+_STATUSES_BACK = {number: s for s, number in _STATUSES.items()}
+_STATUS_NAMES = set(pb.RunStatus.values())
 _INTEGER_FIELDS = tuple(tuple(path.split(".")) for path in sorted(integer_fields()))
 
 
@@ -89,6 +105,8 @@ def report_from_proto(msg: pb.EpochReport) -> Report:
         raise InvalidArgument(
             "intervention_count", f"must be >= 0, but got {msg.intervention_count}"
         )
+    if msg.attempt < 0:
+        raise InvalidArgument("attempt", f"must be >= 0, but got {msg.attempt}")
     return Report(
         run_id=_check_text(msg.run_id, "run_id", required=True),
         epoch=msg.epoch,
@@ -103,10 +121,13 @@ def report_from_proto(msg: pb.EpochReport) -> Report:
             else None
         ),
         intervention_count=msg.intervention_count,
-        current_lr=_check_number(msg.current_lr + 0.0, "current_lr"),
+        # An LR of 0 trains nothing, and a decision scaling it would be 0 too.
+        current_lr=_check_number(msg.current_lr + 0.0, "current_lr", positive=True),
         initial_lr=_check_number(msg.initial_lr, "initial_lr", positive=True),
         loss_weights=weights_from_proto(msg.loss_weights, "loss_weights"),
         labels=labels_from_proto(msg.labels),
+        attempt=msg.attempt,
+        late=msg.late,
     )
 
 
@@ -130,6 +151,8 @@ def report_to_proto(report: Report) -> pb.EpochReport:
         initial_lr=report.initial_lr,
         loss_weights=dict(report.loss_weights),
         labels=labels_to_proto(report.labels),
+        attempt=report.attempt,
+        late=report.late,
     )
     if report.val_loss is not None:
         msg.val_loss = report.val_loss
@@ -153,6 +176,8 @@ def decision_to_proto(decision: Decision) -> pb.Decision:
         policy_version=decision.policy_version,
         decided_at=_timestamp(decision.decided_at),
         override_id=decision.override_id or 0,
+        attempt=decision.attempt,
+        late=decision.late,
     )
     if decision.lr is not None:
         msg.lr = decision.lr
@@ -169,9 +194,135 @@ def run_summary_to_proto(run: RunSummary) -> pb.RunSummary:
         current_lr=run.current_lr,
         first_seen=_timestamp(run.first_seen),
         last_seen=_timestamp(run.last_seen),
+        status=_STATUSES[run.status],
+        attempt=run.attempt,
+        rollback_count=run.rollback_count,
+        final_metrics=metrics_to_proto(run.final_metrics),
+        error=run.error,
     )
     if run.last_decision is not None:
         msg.last_decision.CopyFrom(decision_to_proto(run.last_decision))
+    if run.best_value is not None:
+        msg.best_value = run.best_value
+    if run.finished_at is not None:
+        msg.finished_at.CopyFrom(_timestamp(run.finished_at))
+    return msg
+
+
+def metrics_to_proto(metrics: FinalMetrics) -> pb.FinalMetrics:
+    msg = pb.FinalMetrics(dice_per_class=dict(metrics.dice_per_class))
+    if metrics.mean_dice is not None:
+        msg.mean_dice = metrics.mean_dice
+    if metrics.best_ema_pseudo_dice is not None:
+        msg.best_ema_pseudo_dice = metrics.best_ema_pseudo_dice
+    if metrics.best_ema_epoch is not None:
+        msg.best_ema_epoch = metrics.best_ema_epoch
+    return msg
+
+
+def metrics_from_proto(msg: pb.FinalMetrics) -> FinalMetrics:
+    """Final metrics; a Dice is NaN (nnU-Net's for a class absent from every case) or
+    within [0, 1]."""
+
+    def dice(value: float, field: str) -> float:
+        if not math.isnan(value) and not 0.0 <= value <= 1.0:
+            raise InvalidArgument(field, f"must be within [0, 1] or NaN, but got {value!r}")
+        return value
+
+    per_class = {}
+    for name, value in msg.dice_per_class.items():
+        _check_text(name, "metrics.dice_per_class", required=True)
+        per_class[name] = dice(value, f"metrics.dice_per_class[{name!r}]")
+    if len(per_class) > MAX_CLASSES:
+        raise InvalidArgument("metrics.dice_per_class", f"must have at most {MAX_CLASSES} classes")
+    if msg.HasField("best_ema_epoch") and msg.best_ema_epoch < 0:
+        raise InvalidArgument(
+            "metrics.best_ema_epoch", f"must be >= 0, but got {msg.best_ema_epoch}"
+        )
+    return FinalMetrics(
+        mean_dice=dice(msg.mean_dice, "metrics.mean_dice") if msg.HasField("mean_dice") else None,
+        dice_per_class=frozen_map(per_class),
+        best_ema_pseudo_dice=(
+            dice(msg.best_ema_pseudo_dice, "metrics.best_ema_pseudo_dice")
+            if msg.HasField("best_ema_pseudo_dice")
+            else None
+        ),
+        best_ema_epoch=msg.best_ema_epoch if msg.HasField("best_ema_epoch") else None,
+    )
+
+
+def start_run_from_proto(msg: pb.StartRunRequest, now: datetime) -> tuple[RunAttempt, RunLabels]:
+    """The attempt a StartRun opens (numbered by the store) and the run's labels."""
+    if msg.HasField("resume_from_epoch") and msg.resume_from_epoch < 0:
+        raise InvalidArgument("resume_from_epoch", f"must be >= 0, but got {msg.resume_from_epoch}")
+    attempt = RunAttempt(
+        run_id=_check_text(msg.run_id, "run_id", required=True),
+        attempt=0,
+        started_at=now,
+        resume_from_epoch=msg.resume_from_epoch if msg.HasField("resume_from_epoch") else None,
+        trainer_name=_check_text(msg.trainer_name, "trainer_name"),
+        trainer_version=_check_text(msg.trainer_version, "trainer_version"),
+        initial_lr=_check_number(msg.initial_lr, "initial_lr", positive=True),
+        loss_weights=weights_from_proto(msg.loss_weights, "loss_weights"),
+    )
+    return attempt, labels_from_proto(msg.labels)
+
+
+def start_run_to_proto(attempt: RunAttempt, message: str) -> pb.StartRunResponse:
+    return pb.StartRunResponse(
+        attempt=attempt.attempt,
+        policy_version=attempt.policy_version,
+        history_reset=attempt.history_reset,
+        superseded_epochs=attempt.superseded_epochs,
+        message=message,
+    )
+
+
+def finish_run_from_proto(
+    msg: pb.FinishRunRequest,
+) -> tuple[str, int, RunStatus, str, FinalMetrics]:
+    """(run_id, attempt, status, error, metrics) of a FinishRun."""
+    status = _STATUSES_BACK.get(msg.status)
+    if status is None or not status.finished:
+        got = pb.RunStatus.Name(msg.status) if msg.status in _STATUS_NAMES else msg.status
+        raise InvalidArgument("status", f"must be COMPLETED, STOPPED or FAILED, but got {got}")
+    if msg.attempt < 0:
+        raise InvalidArgument("attempt", f"must be >= 0, but got {msg.attempt}")
+    error = msg.error[:MAX_ERROR_LENGTH]
+    if status is RunStatus.FAILED and not error.strip():
+        raise InvalidArgument("error", "must say what went wrong when status is FAILED")
+    return (
+        _check_text(msg.run_id, "run_id", required=True),
+        msg.attempt,
+        status,
+        error,
+        metrics_from_proto(msg.metrics),
+    )
+
+
+def run_status_to_proto(status: RunStatus) -> pb.RunStatus.ValueType:
+    return _STATUSES[status]
+
+
+def attempt_to_proto(attempt: RunAttempt) -> pb.RunAttempt:
+    msg = pb.RunAttempt(
+        attempt=attempt.attempt,
+        started_at=_timestamp(attempt.started_at),
+        history_reset=attempt.history_reset,
+        superseded_epochs=attempt.superseded_epochs,
+        trainer_name=attempt.trainer_name,
+        trainer_version=attempt.trainer_version,
+        policy_version=attempt.policy_version,
+        initial_lr=attempt.initial_lr or 0.0,
+        loss_weights=dict(attempt.loss_weights),
+        status=_STATUSES[attempt.status],
+        error=attempt.error,
+        metrics=metrics_to_proto(attempt.metrics),
+    )
+    if attempt.resume_from_epoch is not None:
+        msg.resume_from_epoch = attempt.resume_from_epoch
+    if attempt.finished_at is not None:
+        msg.finished_at.CopyFrom(_timestamp(attempt.finished_at))
     return msg
 
 
@@ -185,7 +336,35 @@ def run_filter_from_proto(msg: pb.ListRunsRequest) -> RunFilter:
         configuration=_check_text(msg.configuration, "configuration"),
         fold=_check_text(msg.fold, "fold"),
         limit=msg.limit or 100,
+        status=_status(msg.status),
     )
+
+
+def _status(number: int) -> RunStatus | None:
+    if number == pb.RUN_STATUS_UNSPECIFIED:
+        return None
+    if number not in _STATUSES_BACK:
+        raise InvalidArgument("status", f"unknown run status {number}")
+    return _STATUSES_BACK[number]
+
+
+def run_page_from_proto(msg: pb.GetRunRequest) -> tuple[str, int, int]:
+    """(run_id, first epoch, page size) of a GetRun page."""
+    run_id = _check_text(msg.run_id, "run_id", required=True)
+    size = _limit(msg.page_size, "page_size", DEFAULT_RUN_PAGE, MAX_RUN_PAGE)
+    if msg.page_token:
+        try:
+            token_run, _, epoch_text = msg.page_token.rpartition("@")
+            from_epoch = int(epoch_text)
+        except ValueError:
+            raise InvalidArgument("page_token", "is not one GetRun returned") from None
+        if token_run != run_id or from_epoch < 0:
+            raise InvalidArgument("page_token", "is not one GetRun returned for this run")
+    else:
+        from_epoch = msg.from_epoch
+        if from_epoch < 0:
+            raise InvalidArgument("from_epoch", f"must be >= 0, but got {from_epoch}")
+    return run_id, from_epoch, size
 
 
 def _limit(value: int, field: str, default: int, maximum: int) -> int:
@@ -218,19 +397,26 @@ def _datetime(ts: Timestamp) -> datetime:
 # --- runs and decisions ---------------------------------------------------------------
 
 
+def run_epoch_to_proto(epoch: RunEpoch) -> pb.RunEpoch:
+    """One epoch of a run; its report names the attempt and lateness its decision records."""
+    report = replace(epoch.report, attempt=epoch.decision.attempt, late=epoch.decision.late)
+    msg = pb.RunEpoch(report=report_to_proto(report), decision=decision_to_proto(epoch.decision))
+    if epoch.shadow is not None:
+        msg.shadow.CopyFrom(decision_to_proto(epoch.shadow))
+    return msg
+
+
 def run_detail_to_proto(detail: RunDetail) -> pb.GetRunResponse:
-    epochs = []
-    for epoch in detail.epochs:
-        msg = pb.RunEpoch(
-            report=report_to_proto(epoch.report), decision=decision_to_proto(epoch.decision)
-        )
-        if epoch.shadow is not None:
-            msg.shadow.CopyFrom(decision_to_proto(epoch.shadow))
-        epochs.append(msg)
+    epochs = [run_epoch_to_proto(e) for e in detail.epochs]
     return pb.GetRunResponse(
         run=run_summary_to_proto(detail.run),
         epochs=epochs,
         overrides=[override_to_proto(o) for o in detail.overrides],
+        attempts=[attempt_to_proto(a) for a in detail.attempts],
+        superseded=[run_epoch_to_proto(e) for e in detail.superseded],
+        next_page_token=(
+            "" if detail.next_epoch is None else f"{detail.run.run_id}@{detail.next_epoch}"
+        ),
     )
 
 
@@ -269,6 +455,8 @@ def override_from_proto(msg: pb.SetOverrideRequest) -> Override:
         loss_weights=frozen_map(msg.loss_weights),
         hold_interventions=msg.hold_interventions,
         once=msg.once,
+        action=_action(msg.action),
+        exceed_lr_cap=msg.exceed_lr_cap,
     )
 
 
@@ -282,6 +470,9 @@ def override_to_proto(override: Override) -> pb.Override:
         reason=override.reason,
         actor=override.actor,
         cleared_by=override.cleared_by,
+        action=_ACTIONS[override.action] if override.action is not None else pb.ACTION_UNSPECIFIED,
+        exceed_lr_cap=override.exceed_lr_cap,
+        replaced_override_id=override.replaced_override_id or 0,
     )
     if override.lr is not None:
         msg.lr = override.lr

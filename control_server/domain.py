@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 from trainer_client.vocabulary import (
     LOSS_COMPONENTS,
     DomainError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     StoreUnavailable,
 )
 
@@ -31,6 +33,8 @@ __all__ = [
     "DecisionPage",
     "DecisionRecord",
     "DomainError",
+    "FailedPrecondition",
+    "FinalMetrics",
     "InvalidArgument",
     "NotFound",
     "Override",
@@ -39,12 +43,15 @@ __all__ = [
     "PolicyVersion",
     "PolicyView",
     "Report",
+    "ResourceExhausted",
+    "RunAttempt",
     "RunContext",
     "RunDetail",
     "RunEpoch",
     "RunFilter",
     "RunLabels",
     "RunSelector",
+    "RunStatus",
     "RunSummary",
     "ShadowSummary",
     "Source",
@@ -73,6 +80,21 @@ class Source(enum.Enum):
     POLICY = "POLICY"
     OVERRIDE = "OVERRIDE"
     SAFETY = "SAFETY"
+
+
+class RunStatus(enum.Enum):
+    """Where a run stands. ACTIVE and STALE are derived from its reports; the others
+    are what FinishRun said of its latest attempt."""
+
+    ACTIVE = "ACTIVE"
+    COMPLETED = "COMPLETED"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+    STALE = "STALE"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.STOPPED, RunStatus.FAILED)
 
 
 def remember(memo: dict[K, V], key: K, value: V, limit: int) -> None:
@@ -117,6 +139,27 @@ class Report:
     intervention_count: int = 0
     loss_weights: Mapping[str, float] = field(default_factory=frozen_map)
     labels: RunLabels = field(default_factory=RunLabels)
+    #: The attempt the trainer names (0: the run's latest, or 1 for a new run).
+    attempt: int = 0
+    #: Held while the server was unreachable: recorded, never decided as live.
+    late: bool = False
+
+    def differences(self, other: Report) -> list[str]:
+        """The payload fields in which `other` differs from this report (its attempt,
+        lateness and labels aside): a retry must repeat the payload it was decided on."""
+        fields = (
+            "train_loss",
+            "val_loss",
+            "pseudo_dice",
+            "avg_gradient_norm",
+            "intervention_count",
+            "current_lr",
+            "initial_lr",
+        )
+        differ = [f for f in fields if not _same_value(getattr(self, f), getattr(other, f))]
+        if dict(self.loss_weights) != dict(other.loss_weights):
+            differ.append("loss_weights")
+        return differ
 
     def monitored(self, monitor: str) -> float:
         """The monitored loss: `val_loss` falls back to `train_loss` when absent."""
@@ -162,6 +205,10 @@ class Decision:
     #: The epoch whose policy state this continued from (None: the run's initial state);
     #: replay follows the same chain, also when reports arrived out of order.
     previous_epoch: int | None = None
+    #: The attempt of the run that reported this epoch.
+    attempt: int = 1
+    #: The answer to a late report: recorded, not to be applied.
+    late: bool = False
 
     def same_outcome(self, other: Decision | Verdict) -> bool:
         """True when both decide the same thing (ids and times aside)."""
@@ -194,6 +241,15 @@ class Override:
     override_id: int | None = None
     cleared_at: datetime | None = None
     cleared_by: str = ""
+    #: STOP or ROLLBACK the run at its next report (always `once`); None: the LR /
+    #: weights / hold override above. A ROLLBACK's `lr` and `loss_weights` are what
+    #: it restores: those of the report of `rollback_epoch`, whose intervention it undoes.
+    action: Action | None = None
+    rollback_epoch: int | None = None
+    #: The operator allowed `lr` above the policy's cap (the reason says why).
+    exceed_lr_cap: bool = False
+    #: The active override this one replaced when it was set (None: none).
+    replaced_override_id: int | None = None
 
     @property
     def active(self) -> bool:
@@ -267,6 +323,50 @@ class ShadowSummary:
 
 
 @dataclass(frozen=True)
+class FinalMetrics:
+    """What the trainer measured at the end (nnU-Net's final validation)."""
+
+    mean_dice: float | None = None
+    dice_per_class: Mapping[str, float] = field(default_factory=frozen_map)
+    best_ema_pseudo_dice: float | None = None
+    best_ema_epoch: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.mean_dice is None
+            and not self.dice_per_class
+            and self.best_ema_pseudo_dice is None
+            and self.best_ema_epoch is None
+        )
+
+
+@dataclass(frozen=True)
+class RunAttempt:
+    """One attempt of a run: a StartRun, or the first report of a run that had none.
+
+    `status` is what FinishRun said (ACTIVE until then); `superseded_epochs` counts
+    the earlier attempts' epochs this one moved out of the run's current history.
+    """
+
+    run_id: str
+    attempt: int
+    started_at: datetime
+    resume_from_epoch: int | None = None
+    history_reset: bool = False
+    superseded_epochs: int = 0
+    trainer_name: str = ""
+    trainer_version: str = ""
+    policy_version: str = ""
+    initial_lr: float | None = None
+    loss_weights: Mapping[str, float] = field(default_factory=frozen_map)
+    status: RunStatus = RunStatus.ACTIVE
+    finished_at: datetime | None = None
+    error: str = ""
+    metrics: FinalMetrics = field(default_factory=FinalMetrics)
+
+
+@dataclass(frozen=True)
 class RunSummary:
     """The last known state of a run."""
 
@@ -279,6 +379,16 @@ class RunSummary:
     last_decision: Decision | None
     first_seen: datetime
     last_seen: datetime
+    #: The latest attempt (1 for a run that never called StartRun).
+    attempt: int = 1
+    #: FinishRun's status of the latest attempt, else ACTIVE (STALE is derived on read).
+    status: RunStatus = RunStatus.ACTIVE
+    rollback_count: int = 0
+    #: The policy's best monitored value so far (its state's `best`).
+    best_value: float | None = None
+    final_metrics: FinalMetrics = field(default_factory=FinalMetrics)
+    finished_at: datetime | None = None
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -289,6 +399,8 @@ class RunFilter:
     configuration: str = ""
     fold: str = ""
     limit: int = 100
+    #: None matches every status.
+    status: RunStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -329,11 +441,16 @@ class RunEpoch:
 
 @dataclass(frozen=True)
 class RunDetail:
-    """A run for GetRun: summary, epochs in order, every override oldest first."""
+    """One page of a run for GetRun: summary, the page's epochs in order, every
+    override and attempt oldest first, the superseded epochs in the page's range,
+    and the epoch the next page starts at (None: this is the last)."""
 
     run: RunSummary
     epochs: tuple[RunEpoch, ...]
     overrides: tuple[Override, ...]
+    attempts: tuple[RunAttempt, ...] = ()
+    superseded: tuple[RunEpoch, ...] = ()
+    next_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -373,3 +490,14 @@ class RunContext:
     pinned_policy: str | None = None
     shadow_policy: str | None = None
     previous_shadow_state: str | None = None
+    #: The run's latest attempt (0: the run is not stored yet).
+    attempt: int = 0
+    #: The newest epoch stored in the run's current history (None: none).
+    last_epoch: int | None = None
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Equal, where NaN equals NaN (a retried report repeats its NaN)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b

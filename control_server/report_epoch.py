@@ -15,14 +15,18 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from control_server.domain import (
+    Action,
     Decision,
     DecisionRecord,
+    FailedPrecondition,
     NotFound,
     Report,
     RunContext,
+    Source,
     StoreUnavailable,
     Verdict,
     remember,
@@ -82,18 +86,45 @@ class ReportEpoch:
         """
         return self.store.group_commit(reports, self.decide_report)
 
-    def decide_report(self, report: Report, context: RunContext) -> DecisionRecord:
-        """The record one report makes, given what the store holds for its run."""
+    def decide_report(self, report: Report, context: RunContext) -> DecisionRecord | Decision:
+        """The record one report makes, given what the store holds for its run, or the
+        decision already recorded for it when the report is a retry.
+
+        Raises FailedPrecondition for a report of an attempt that is not the run's
+        latest, a retry whose payload differs from the recorded one, and an epoch
+        older than the newest one recorded."""
+        attempt = _attempt(report, context)
+        if context.existing is not None:
+            return self._retry(report, context.existing)
+        if context.last_epoch is not None and report.epoch < context.last_epoch:
+            raise FailedPrecondition(
+                f"epoch {report.epoch} of run {report.run_id!r} is older than epoch "
+                f"{context.last_epoch}, the latest attempt {attempt} recorded; a training "
+                "that restarted must call StartRun (with resume_from_epoch when it resumes)"
+            )
         version = context.pinned_policy or context.active_policy
         if version is None:
             raise StoreUnavailable("no active policy is stored; start the server with --policy")
         doc = self.policies.get(version)
         state = self._state(report.run_id, context.previous_state)
+        now = self._clock()
+        if report.late:
+            # Recorded so the run's record has no holes; the trainer has moved on, so
+            # nothing is decided on it and the policy state passes through unchanged.
+            late = Verdict(
+                Action.NONE,
+                Source.POLICY,
+                f"late report of epoch {report.epoch}, delivered after the server was "
+                "unreachable: recorded, not decided",
+            )
+            decision = replace(_decision(report, late, version, now, context, attempt), late=True)
+            state_json = state.to_json()
+            remember(self._states, report.run_id, (state_json, state), STATE_MEMO_RUNS)
+            return DecisionRecord(report, decision, state_json)
         override = context.override
         verdict, new_state = step(doc, version, state, report, override)
-        now = self._clock()
-        decision = _decision(report, verdict, version, now, context)
-        shadow, shadow_state = self._shadow(report, context, version, now)
+        decision = _decision(report, verdict, version, now, context, attempt)
+        shadow, shadow_state = self._shadow(report, context, version, now, attempt)
         state_json = new_state.to_json()
         remember(self._states, report.run_id, (state_json, new_state), STATE_MEMO_RUNS)
         return DecisionRecord(
@@ -107,6 +138,18 @@ class ReportEpoch:
             shadow_state=shadow_state,
         )
 
+    def _retry(self, report: Report, existing: Decision) -> Decision:
+        """The recorded decision, when `report` repeats the payload it was decided on."""
+        stored = self.store.stored_report(report.run_id, report.epoch)
+        differ = [] if stored is None else stored.differences(report)
+        if differ:
+            raise FailedPrecondition(
+                f"epoch {report.epoch} of run {report.run_id!r} is already recorded with "
+                f"a different {', '.join(differ)}; a retry must repeat the report it "
+                "retries (a training that restarted must call StartRun)"
+            )
+        return existing
+
     def _state(self, run_id: str, text: str | None) -> PolicyState:
         """The PolicyState `text` encodes (to_json/from_json round-trip exactly)."""
         if text is None:
@@ -117,7 +160,7 @@ class ReportEpoch:
         return PolicyState.from_json(text)
 
     def _shadow(
-        self, report: Report, context: RunContext, real_version: str, now: datetime
+        self, report: Report, context: RunContext, real_version: str, now: datetime, attempt: int
     ) -> tuple[Decision | None, str | None]:
         """The shadow version's decision and state; never lets the real decision fail."""
         version = context.shadow_policy
@@ -141,7 +184,7 @@ class ReportEpoch:
                 version,
             )
             return None, None
-        return _decision(report, verdict, version, now, context), after.to_json()
+        return _decision(report, verdict, version, now, context, attempt), after.to_json()
 
     def _fold_history(
         self, doc: PolicyDoc, version: str, report: Report, after_epoch: int
@@ -163,8 +206,30 @@ class ReportEpoch:
         return fold_state(doc, version, epochs, overrides, after_epoch)
 
 
+def _attempt(report: Report, context: RunContext) -> int:
+    """The attempt a report belongs to: the one it names, which must be the run's
+    latest; none named, the latest (1 for a new run)."""
+    latest = context.attempt or 1
+    if report.attempt == 0 or report.attempt == latest:
+        return latest
+    if report.attempt > latest:
+        raise FailedPrecondition(
+            f"run {report.run_id!r} has no attempt {report.attempt} (its latest is {latest}); "
+            "call StartRun"
+        )
+    raise FailedPrecondition(
+        f"attempt {report.attempt} of run {report.run_id!r} was superseded by attempt "
+        f"{latest}: another StartRun of this run id came after it"
+    )
+
+
 def _decision(
-    report: Report, verdict: Verdict, version: str, now: datetime, context: RunContext
+    report: Report,
+    verdict: Verdict,
+    version: str,
+    now: datetime,
+    context: RunContext,
+    attempt: int,
 ) -> Decision:
     return Decision(
         decision_id=str(uuid.uuid4()),
@@ -180,4 +245,5 @@ def _decision(
         intervention_index=verdict.intervention_index,
         override_id=context.override.override_id if context.override is not None else None,
         previous_epoch=context.previous_epoch,
+        attempt=attempt,
     )

@@ -20,9 +20,11 @@ from google.protobuf.message import DecodeError, Message
 from control_server import convert
 from control_server.admin import AdminService
 from control_server.decider import Decider
-from control_server.domain import DomainError, InvalidArgument
+from control_server.domain import DomainError, InvalidArgument, ResourceExhausted
 from control_server.identity import current_actor
 from control_server.redact import client_details, redact
+from control_server.report_epoch import utc_now
+from control_server.runs import RunLifecycle
 from control_server.watch import Watches, WatchLimitReached
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
@@ -96,11 +98,33 @@ class TrainingControlServicer:
         self,
         decider: Decider,
         watches: Watches,
+        runs: RunLifecycle,
         on_decision: Callable[[int, int], None] | None = None,
     ) -> None:
         self._decider = decider
         self._watches = watches
+        self._runs = runs
         self._on_decision = on_decision
+
+    async def StartRun(
+        self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartRunResponse:
+        def call() -> pb.StartRunResponse:
+            attempt, labels = convert.start_run_from_proto(request, utc_now())
+            stored, message = self._runs.start(attempt, labels)
+            return convert.start_run_to_proto(stored, message)
+
+        return await _handle("StartRun", context, call)
+
+    async def FinishRun(
+        self, request: pb.FinishRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FinishRunResponse:
+        def call() -> pb.FinishRunResponse:
+            run_id, attempt, status, error, metrics = convert.finish_run_from_proto(request)
+            ended = self._runs.finish(run_id, attempt, status, error, metrics)
+            return pb.FinishRunResponse(status=convert.run_status_to_proto(ended.status))
+
+        return await _handle("FinishRun", context, call)
 
     async def ReportEpoch(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -114,17 +138,31 @@ class TrainingControlServicer:
         return answer.decision
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        """Serve ReportEpoch without (de)serializing in this process."""
-        handler = grpc.unary_unary_rpc_method_handler(self.ReportEpoch)
+        """Serve ReportEpoch without (de)serializing in this process; StartRun and
+        FinishRun decode their bytes here, so that garbage is INVALID_ARGUMENT."""
+        handlers = {
+            "ReportEpoch": grpc.unary_unary_rpc_method_handler(self.ReportEpoch),
+            "StartRun": grpc.unary_unary_rpc_method_handler(
+                _decoding_unary("StartRun", pb.StartRunRequest, self.StartRun),
+                response_serializer=pb.StartRunResponse.SerializeToString,
+            ),
+            "FinishRun": grpc.unary_unary_rpc_method_handler(
+                _decoding_unary("FinishRun", pb.FinishRunRequest, self.FinishRun),
+                response_serializer=pb.FinishRunResponse.SerializeToString,
+            ),
+        }
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(_TRAINING_CONTROL, {"ReportEpoch": handler}),)
+            (grpc.method_handlers_generic_handler(_TRAINING_CONTROL, handlers),)
         )
 
 
 class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
-    def __init__(self, service: AdminService, watches: Watches) -> None:
+    def __init__(
+        self, service: AdminService, watches: Watches, max_response_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self._service = service
         self._watches = watches
+        self._max_response_bytes = max_response_bytes
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Serve every ControlAdmin method, decoding its request here rather than in
@@ -164,7 +202,17 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
         self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRunResponse:
         def call() -> pb.GetRunResponse:
-            return convert.run_detail_to_proto(self._service.get_run(request.run_id))
+            run_id, from_epoch, page_size = convert.run_page_from_proto(request)
+            page = convert.run_detail_to_proto(self._service.get_run(run_id, from_epoch, page_size))
+            size = page.ByteSize()
+            if size > self._max_response_bytes:
+                # Sent anyway, gRPC would fail the call after the audit recorded it as OK.
+                raise ResourceExhausted(
+                    f"run {run_id!r}: a page of {len(page.epochs)} epochs is {size} bytes, over "
+                    f"the server's {self._max_response_bytes}-byte message limit; ask for a "
+                    "smaller page_size"
+                )
+            return page
 
         return await _handle("GetRun", context, call)
 
@@ -208,7 +256,9 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     ) -> pb.Override:
         def call() -> pb.Override:
             override = convert.override_from_proto(request)
-            stored = self._service.set_override(override, current_actor())
+            stored = self._service.set_override(
+                override, current_actor(), allow_unknown_run=request.allow_unknown_run
+            )
             return convert.override_to_proto(stored)
 
         return await _handle("SetOverride", context, call)

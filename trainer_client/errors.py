@@ -11,7 +11,8 @@
     ├── ControlUnavailable       server down, unreachable, or too slow (deadline exceeded)
     ├── ControlRejected          the server refused the call (INVALID_ARGUMENT, ...)
     ├── ControlUnauthorized      missing, wrong or under-privileged token
-    └── ControlProtocolError     the server answered something the client cannot act on
+    ├── ControlProtocolError     the server answered something the client cannot act on
+    └── ControlSetupError        a setup mistake found at StartRun (token, role, TLS, address)
 
 The domain errors are defined in `trainer_client.vocabulary` (no gRPC there: the
 policy engine raises them too); the client's errors are defined here.
@@ -34,13 +35,21 @@ from typing import Any
 
 import grpc
 
-from trainer_client.vocabulary import DomainError, InvalidArgument, NotFound, StoreUnavailable
+from trainer_client.vocabulary import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StoreUnavailable,
+)
 
 __all__ = [
     "STATUSES",
     "ControlError",
     "ControlProtocolError",
     "ControlRejected",
+    "ControlSetupError",
     "ControlUnauthorized",
     "ControlUnavailable",
     "DomainError",
@@ -85,6 +94,17 @@ class ControlProtocolError(ControlError):
     """The server's answer is unusable (e.g. a decision for another run or epoch)."""
 
 
+class ControlSetupError(ControlError):
+    """A mistake in the client's settings that no retry fixes: a refused token or role,
+    a TLS mismatch, an address that is not a control server. The message names the
+    environment variable to fix (also in `variable`); the training does not start."""
+
+    def __init__(self, message: str, *, variable: str, code: Any = None, details: str = "") -> None:
+        super().__init__(message, code=code, details=details)
+        #: The TRAINCTL_* variable to fix.
+        self.variable = variable
+
+
 # --- the one table ----------------------------------------------------------------------
 
 
@@ -107,8 +127,9 @@ STATUSES: tuple[Status, ...] = (
     Status(_C.NOT_FOUND, NotFound, ControlRejected, 2),
     Status(_C.UNAVAILABLE, StoreUnavailable, ControlUnavailable, 1),
     Status(_C.ALREADY_EXISTS, None, ControlRejected, 2),
-    Status(_C.FAILED_PRECONDITION, None, ControlRejected, 2),
+    Status(_C.FAILED_PRECONDITION, FailedPrecondition, ControlRejected, 2),
     Status(_C.OUT_OF_RANGE, None, ControlRejected, 2),
+    Status(_C.RESOURCE_EXHAUSTED, ResourceExhausted, ControlRejected, 2),
     Status(_C.UNAUTHENTICATED, None, ControlUnauthorized, 3),
     Status(_C.PERMISSION_DENIED, None, ControlUnauthorized, 3),
     Status(_C.DEADLINE_EXCEEDED, None, ControlUnavailable, 1),

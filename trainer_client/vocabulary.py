@@ -20,9 +20,11 @@ __all__ = [
     "LOSS_COMPONENTS",
     "SELECTOR_KEYS",
     "DomainError",
+    "FailedPrecondition",
     "InvalidArgument",
     "LossWeightError",
     "NotFound",
+    "ResourceExhausted",
     "StoreUnavailable",
     "check_loss_weights",
 ]
@@ -53,6 +55,16 @@ class InvalidArgument(DomainError):
 
 class NotFound(DomainError):
     """The named object does not exist."""
+
+
+class FailedPrecondition(DomainError):
+    """The request is well formed but contradicts what the run's record holds (a
+    retry with a different payload, an epoch older than the attempt's last, a
+    superseded attempt)."""
+
+
+class ResourceExhausted(DomainError):
+    """The answer would exceed a limit (e.g. a page over the message size limit)."""
 
 
 class StoreUnavailable(DomainError):

@@ -22,14 +22,17 @@ from control_server.domain import (
     DecisionPage,
     DecisionRecord,
     DomainError,
+    FinalMetrics,
     Override,
     PolicyPin,
     PolicyVersion,
     Report,
+    RunAttempt,
     RunContext,
     RunFilter,
     RunLabels,
     RunSelector,
+    RunStatus,
     RunSummary,
     ShadowSummary,
     StoreUnavailable,
@@ -37,8 +40,9 @@ from control_server.domain import (
 
 logger = logging.getLogger(__name__)
 
-#: Decides one report from its context (pure apart from store reads): the record to store.
-DecideReport = Callable[[Report, RunContext], DecisionRecord]
+#: Decides one report from its context (pure apart from store reads): the record to
+#: store, or the decision already stored for it (a retry) to answer again.
+DecideReport = Callable[[Report, RunContext], DecisionRecord | Decision]
 
 
 class Store(ABC):
@@ -59,10 +63,10 @@ class Store(ABC):
         """Decide and record a batch of reports in ONE write transaction.
 
         For each report, in order: its context is read inside the transaction
-        (so it sees the decisions made earlier in the batch); a report already
-        decided gets its stored decision back (idempotency); otherwise `decide_report`
-        makes the record, which is stored. An error of `decide_report` fails that
-        report alone. A store error fails the whole batch (StoreUnavailable;
+        (so it sees the decisions made earlier in the batch) and `decide_report`
+        makes the record, which is stored, or hands back the decision already
+        stored (a retry; `decide_report` judges it). An error of `decide_report`
+        fails that report alone. A store error fails the whole batch (StoreUnavailable;
         nothing of it is stored).
         """
         outcomes: list[Decision | Exception | None] = [None] * len(reports)
@@ -87,9 +91,6 @@ class Store(ABC):
                 if report.run_id in pending_runs:
                     flush()  # the run's earlier report must be visible to this one
                 context = self.load_context(report.run_id, report.epoch, report.labels)
-                if context.existing is not None:
-                    outcomes[index] = context.existing
-                    continue
                 try:
                     record = decide_report(report, context)
                 except StoreUnavailable:
@@ -102,6 +103,9 @@ class Store(ABC):
                             report.epoch,
                         )
                     outcomes[index] = exc
+                    continue
+                if isinstance(record, Decision):
+                    outcomes[index] = record
                     continue
                 pending.append((index, record))
                 pending_runs.add(report.run_id)
@@ -158,8 +162,11 @@ class Store(ABC):
         """Decisions matching the filter, oldest first (decided_at, then commit order)."""
 
     @abstractmethod
-    def shadow_decisions(self, run_id: str) -> list[Decision]:
-        """A run's shadow decisions in epoch order."""
+    def shadow_decisions(
+        self, run_id: str, from_epoch: int = 0, to_epoch: int | None = None
+    ) -> list[Decision]:
+        """A run's shadow decisions with from_epoch <= epoch <= to_epoch (None: no upper
+        bound) in epoch order."""
 
     @abstractmethod
     def shadow_summary(self, version: str) -> ShadowSummary:
@@ -174,7 +181,8 @@ class Store(ABC):
 
         Clears the run's previous active override in the same transaction
         (cleared_at = the new one's created_at, cleared_by = "replaced by
-        override N"). `override.created_at` must be set.
+        override N") and names it in the new one's `replaced_override_id`.
+        `override.created_at` must be set.
         """
 
     @abstractmethod
@@ -235,11 +243,61 @@ class Store(ABC):
 
     @abstractmethod
     def list_runs(self, run_filter: RunFilter) -> list[RunSummary]:
-        """Runs matching the filter, most recently active first."""
+        """Runs matching the filter (its labels and limit; a status filter is the
+        caller's, since STALE is derived), most recently active first."""
 
     @abstractmethod
-    def get_run(self, run_id: str) -> tuple[RunSummary, list[tuple[Report, Decision]]] | None:
-        """A run's summary and its (report, decision) pairs in epoch order, or None."""
+    def get_run(
+        self, run_id: str, from_epoch: int = 0, limit: int = 0
+    ) -> tuple[RunSummary, list[tuple[Report, Decision]]] | None:
+        """A run's summary and its (report, decision) pairs in epoch order from
+        `from_epoch` on, at most `limit` of them (<= 0: all), or None."""
+
+    @abstractmethod
+    def stored_report(self, run_id: str, epoch: int) -> Report | None:
+        """The report stored for (run_id, epoch) in the run's current history, read
+        inside the caller's write transaction when there is one."""
+
+    @abstractmethod
+    def start_attempt(self, attempt: RunAttempt, labels: RunLabels) -> RunAttempt:
+        """Open `attempt.run_id`'s next attempt, in one write transaction serialised
+        with the run's reports; `attempt.attempt` is ignored and the stored attempt
+        (numbered, with its history_reset and superseded_epochs) is returned.
+
+        A resume (`resume_from_epoch` set) keeps the current history up to that epoch
+        and supersedes the epochs after it; a start from scratch of a known run
+        supersedes all of them (history_reset). Superseded epochs move, report and
+        decision, to the superseded tables (their shadow decisions are dropped), and
+        the run's summary restarts from what remains. A new run gets its row here."""
+
+    @abstractmethod
+    def finish_attempt(
+        self,
+        run_id: str,
+        attempt: int,
+        status: RunStatus,
+        error: str,
+        metrics: FinalMetrics,
+        at: datetime,
+    ) -> RunAttempt:
+        """Record how an attempt ended (0: the latest). Raises NotFound for an unknown
+        run or attempt, FailedPrecondition for an attempt a later one superseded."""
+
+    @abstractmethod
+    def list_attempts(self, run_id: str) -> list[RunAttempt]:
+        """A run's attempts, oldest first (an implicit attempt 1 with no StartRun is
+        listed from its first report)."""
+
+    @abstractmethod
+    def superseded(
+        self, run_id: str, from_epoch: int = 0, to_epoch: int | None = None
+    ) -> list[tuple[Report, Decision]]:
+        """A run's superseded (report, decision) pairs with from_epoch <= epoch <=
+        to_epoch (None: no upper bound), by epoch, then attempt."""
+
+    @abstractmethod
+    def recent_epoch_times(self, run_ids: Sequence[str], count: int) -> dict[str, list[datetime]]:
+        """The decided_at of each run's newest `count` decisions, newest first."""
 
     @abstractmethod
     def run_ids(self) -> list[str]:

@@ -83,5 +83,7 @@ class ContextCache:
             previous_state=record.state,
             previous_epoch=epoch,
             previous_shadow_state=shadow_state,
+            attempt=record.decision.attempt,
+            last_epoch=epoch,
         )
         remember(self.entries, run_id, (labels, following), CONTEXT_CACHE_RUNS)

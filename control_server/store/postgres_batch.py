@@ -40,7 +40,8 @@ POLICY_LOCK = 3
 
 # The array types `unnest` needs for batch inserts, in the order of the column lists.
 _DECISION_TYPES = (
-    "text text bigint text text text text timestamptz float8 text integer bigint bigint"
+    "text text bigint text text text text timestamptz float8 text integer bigint bigint "
+    "integer boolean"
 )
 _REPORT_TYPES = "text bigint float8 float8 float8 float8 integer float8 float8 text" + " text" * 6
 _RUN_TYPES = "text" + " text" * 6 + " timestamptz timestamptz bigint integer integer float8"
@@ -124,16 +125,19 @@ _WRITE_REST = (
     + upsert_run("least", "greatest")
 )
 # Everything deciding a batch needs, in ONE statement (one snapshot, one round trip):
-# per (run, epoch, labels) key, in key order, the active and shadow versions, the
+# per (run, epoch, labels) key, in key order, the run's latest attempt and newest
+# epoch, the active and shadow versions, the
 # version of the most specific pin matching the labels (ties: the most recently
 # pinned), the run's active override (the latest uncleared one), and the decision at
 # `epoch` (if stored) and the latest one before it, each with the shadow version and
 # state stored beside it: 1 or 2 rows per key.
 SELECT_CONTEXTS = (
-    f"SELECT k.ord, k.epoch, a.version, sp.version, pin.version, {qualified('o', OVERRIDE)}, "
+    "SELECT k.ord, k.epoch, a.version, sp.version, pin.version, r.attempt, r.last_epoch, "
+    f"{qualified('o', OVERRIDE)}, "
     f"{qualified('d', DECISION)}, d.state, d.shadow_version, d.shadow_state "
     "FROM unnest(%b::text[], %b::bigint[], %b::boolean[], %b::text[], %b::text[], %b::text[]) "
     "WITH ORDINALITY AS k (run_id, epoch, pinned, dataset, configuration, fold, ord) "
+    "LEFT JOIN runs AS r ON r.run_id = k.run_id "
     "LEFT JOIN active_policy AS a ON a.id = 1 "
     "LEFT JOIN shadow_policy AS sp ON sp.id = 1 "
     "LEFT JOIN LATERAL (SELECT p.version FROM policy_pins AS p WHERE k.pinned "

@@ -20,13 +20,16 @@ from control_server.domain import (
     Action,
     Decision,
     DecisionRecord,
+    FinalMetrics,
     Override,
     PolicyPin,
     PolicyVersion,
     Report,
+    RunAttempt,
     RunContext,
     RunLabels,
     RunSelector,
+    RunStatus,
     RunSummary,
     ShadowSummary,
     Source,
@@ -41,7 +44,7 @@ LABELS = ", ".join(LABEL_KEYS)
 #: Also the columns of shadow_decisions.
 DECISION = (
     "decision_id, run_id, epoch, action, source, reason, policy_version, decided_at, "
-    "lr, loss_weights, intervention_index, override_id, previous_epoch"
+    "lr, loss_weights, intervention_index, override_id, previous_epoch, attempt, late"
 )
 REPORT = (
     "run_id, epoch, train_loss, val_loss, pseudo_dice, avg_gradient_norm, "
@@ -51,12 +54,31 @@ RUN = (
     f"run_id, {LABELS}, first_seen, last_seen, last_epoch, report_count, "
     "intervention_count, current_lr"
 )
-OVERRIDE = "id, run_id, actor, reason, lr, weights, hold, once, created_at, cleared_at, cleared_by"
+OVERRIDE = (
+    "id, run_id, actor, reason, lr, weights, hold, once, created_at, cleared_at, cleared_by, "
+    "action, rollback_epoch, exceed_lr_cap, replaced_override_id"
+)
 #: The columns a new override is inserted with (the rest are the database's).
-NEW_OVERRIDE = "run_id, actor, reason, lr, weights, hold, once, created_at"
+NEW_OVERRIDE = (
+    "run_id, actor, reason, lr, weights, hold, once, created_at, "
+    "action, rollback_epoch, exceed_lr_cap, replaced_override_id"
+)
 PIN = "dataset, configuration, fold, version, pinned_at, actor"
 POLICY = "version, name, document, created_at"
-N_DECISION = 13
+ATTEMPT = (
+    "run_id, attempt, started_at, resume_from_epoch, history_reset, superseded_epochs, "
+    "trainer_name, trainer_version, policy_version, initial_lr, loss_weights, status, "
+    "finished_at, error, metrics"
+)
+#: What a run summary shows beside its RUN columns and its latest decision (see
+#: `SqlStore.SELECT_RUNS`): its attempt, that attempt's end, its rollbacks and the
+#: policy state of its latest decision.
+SUMMARY_EXTRA = (
+    "r.attempt, a.status, a.finished_at, a.error, a.metrics, "
+    "(SELECT count(*) FROM decisions AS rb WHERE rb.run_id = r.run_id "
+    "AND rb.action = 'ROLLBACK'), d.state"
+)
+N_DECISION = 15
 N_REPORT = 16
 N_RUN = 13
 # A run's summary fields that follow its newest epoch (a late, older report leaves them).
@@ -122,6 +144,39 @@ def load_weights(text: str) -> Mapping[str, float]:
     return frozen_map(json.loads(text))
 
 
+def best_of(state: str | None) -> float | None:
+    """The `best` of a stored policy state (None when it has none or is not one)."""
+    try:
+        best = json.loads(state)["best"] if state else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return float(best) if isinstance(best, int | float) else None
+
+
+def dump_metrics(metrics: FinalMetrics) -> str:
+    """Final metrics as the JSON text both schemas store ('{}': none)."""
+    data: dict[str, Any] = {}
+    if metrics.mean_dice is not None:
+        data["mean_dice"] = metrics.mean_dice
+    if metrics.dice_per_class:
+        data["dice_per_class"] = dict(metrics.dice_per_class)
+    if metrics.best_ema_pseudo_dice is not None:
+        data["best_ema_pseudo_dice"] = metrics.best_ema_pseudo_dice
+    if metrics.best_ema_epoch is not None:
+        data["best_ema_epoch"] = metrics.best_ema_epoch
+    return _JSON.encode(data)
+
+
+def metrics_from(text: str | None) -> FinalMetrics:
+    data = json.loads(text) if text else {}
+    return FinalMetrics(
+        mean_dice=data.get("mean_dice"),
+        dice_per_class=frozen_map(data.get("dice_per_class")),
+        best_ema_pseudo_dice=data.get("best_ema_pseudo_dice"),
+        best_ema_epoch=data.get("best_ema_epoch"),
+    )
+
+
 def shadow_summary_from(version: str, rows: Iterable[tuple[str, str, bool, int]]) -> ShadowSummary:
     """Aggregate (real action, shadow action, differs, count) rows into a summary."""
     evaluated = differed = 0
@@ -163,6 +218,8 @@ class Codec:
     run_row: Callable[[Report, Any], tuple[Any, ...]]
     #: RUN columns, then the DECISION columns of its latest decision (NULLs: none).
     summary_from: Callable[[Row], RunSummary]
+    attempt_row: Callable[[RunAttempt], tuple[Any, ...]]
+    attempt_from: Callable[[Row], RunAttempt]
     #: (override, its created_at as `time` made it) -> the NEW_OVERRIDE columns.
     override_row: Callable[[Override, Any], tuple[Any, ...]]
     override_from: Callable[[Row], Override]
@@ -206,6 +263,8 @@ def codec(
             d.intervention_index,
             d.override_id,
             d.previous_epoch,
+            d.attempt,
+            flag(d.late),
         )
 
     def decision_from(row: Row) -> Decision:
@@ -223,6 +282,8 @@ def codec(
             intervention_index=row[10],
             override_id=row[11],
             previous_epoch=row[12],
+            attempt=row[13],
+            late=bool(row[14]),
         )
 
     def report_row(r: Report) -> tuple[Any, ...]:
@@ -268,7 +329,8 @@ def codec(
         )
 
     def summary_from(row: Row) -> RunSummary:
-        last = row[N_RUN:]
+        last = row[N_RUN : N_RUN + N_DECISION]
+        attempt, status, finished_at, error, metrics, rollbacks, state = row[N_RUN + N_DECISION :]
         return RunSummary(
             run_id=row[0],
             labels=RunLabels(*row[1:7]),
@@ -279,6 +341,51 @@ def codec(
             intervention_count=row[11],
             current_lr=number(row[12]),
             last_decision=decision_from(last) if last[0] is not None else None,
+            attempt=attempt,
+            status=RunStatus(status) if status is not None else RunStatus.ACTIVE,
+            rollback_count=rollbacks,
+            best_value=best_of(state),
+            final_metrics=metrics_from(metrics),
+            finished_at=None if finished_at is None else dt(finished_at),
+            error=error or "",
+        )
+
+    def attempt_row(a: RunAttempt) -> tuple[Any, ...]:
+        return (
+            a.run_id,
+            a.attempt,
+            time(a.started_at),
+            a.resume_from_epoch,
+            flag(a.history_reset),
+            a.superseded_epochs,
+            text(a.trainer_name),
+            text(a.trainer_version),
+            a.policy_version,
+            real(a.initial_lr),
+            dump_weights(a.loss_weights),
+            a.status.value,
+            None if a.finished_at is None else time(a.finished_at),
+            text(a.error),
+            dump_metrics(a.metrics),
+        )
+
+    def attempt_from(row: Row) -> RunAttempt:
+        return RunAttempt(
+            run_id=row[0],
+            attempt=row[1],
+            started_at=dt(row[2]),
+            resume_from_epoch=row[3],
+            history_reset=bool(row[4]),
+            superseded_epochs=row[5],
+            trainer_name=row[6],
+            trainer_version=row[7],
+            policy_version=row[8],
+            initial_lr=opt_number(row[9]),
+            loss_weights=load_weights(row[10]),
+            status=RunStatus(row[11]),
+            finished_at=None if row[12] is None else dt(row[12]),
+            error=row[13],
+            metrics=metrics_from(row[14]),
         )
 
     def override_row(o: Override, created_at: Any) -> tuple[Any, ...]:
@@ -291,6 +398,10 @@ def codec(
             flag(o.hold_interventions),
             flag(o.once),
             created_at,
+            None if o.action is None else o.action.value,
+            o.rollback_epoch,
+            flag(o.exceed_lr_cap),
+            o.replaced_override_id,
         )
 
     def override_from(row: Row) -> Override:
@@ -306,6 +417,10 @@ def codec(
             created_at=dt(row[8]),
             cleared_at=None if row[9] is None else dt(row[9]),
             cleared_by=row[10],
+            action=None if row[11] is None else Action(row[11]),
+            rollback_epoch=row[12],
+            exceed_lr_cap=bool(row[13]),
+            replaced_override_id=row[14],
         )
 
     def pin_from(row: Row) -> PolicyPin:
@@ -321,16 +436,18 @@ def codec(
             version=row[0], name=row[1], document=json.loads(row[2]), created_at=dt(row[3])
         )
 
-    n_head = 3 + len(names(OVERRIDE))
+    n_head = 5 + len(names(OVERRIDE))
 
     def context_from(rows: Sequence[Row], epoch: int, start: int) -> RunContext:
-        """From `start` on, each row holds the active, shadow and pinned versions, the
-        OVERRIDE columns of the run's active override, then the DECISION columns of the
-        decision at `epoch` or the latest before it, its state, and the shadow version
-        and state stored beside it: 1 or 2 rows, newest first (NULLs: none)."""
+        """From `start` on, each row holds the active, shadow and pinned versions,
+        the run's latest attempt and newest epoch (NULLs: a new run), the OVERRIDE
+        columns of the run's active override, then the DECISION columns of the
+        decision at `epoch` or the latest before it, its state, and the shadow
+        version and state stored beside it: 1 or 2 rows, newest first (NULLs: none)."""
         head = rows[0]
         active, shadow, pinned = head[start], head[start + 1], head[start + 2]
-        override = override_from(head[start + 3 :]) if head[start + 3] is not None else None
+        attempt, last_epoch = head[start + 3], head[start + 4]
+        override = override_from(head[start + 5 :]) if head[start + 5] is not None else None
         first = start + n_head
         decisions = [row[first:] for row in rows if row[first] is not None]
         existing: Decision | None = None
@@ -354,6 +471,8 @@ def codec(
             pinned_policy=pinned,
             shadow_policy=shadow,
             previous_shadow_state=previous_shadow_state,
+            attempt=attempt or 0,
+            last_epoch=None if last_epoch is None or last_epoch < 0 else last_epoch,
         )
 
     return Codec(
@@ -368,6 +487,8 @@ def codec(
         report_from=report_from,
         run_row=run_row,
         summary_from=summary_from,
+        attempt_row=attempt_row,
+        attempt_from=attempt_from,
         override_row=override_row,
         override_from=override_from,
         pin_from=pin_from,

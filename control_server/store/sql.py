@@ -17,24 +17,31 @@ import logging
 from abc import abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from control_server.domain import (
     Decision,
     DecisionFilter,
+    FailedPrecondition,
+    FinalMetrics,
     NotFound,
     Override,
     PolicyPin,
     PolicyVersion,
     Report,
+    RunAttempt,
     RunFilter,
+    RunLabels,
     RunSelector,
+    RunStatus,
     RunSummary,
     ShadowSummary,
 )
 from control_server.store.base import Store
 from control_server.store.rows import (
+    ATTEMPT,
     DECISION,
     N_REPORT,
     NEW_OVERRIDE,
@@ -43,25 +50,61 @@ from control_server.store.rows import (
     POLICY,
     REPORT,
     RUN,
+    SUMMARY_EXTRA,
     Codec,
+    dump_metrics,
     insert,
+    labels_row,
     qualified,
     shadow_summary_from,
 )
 from control_server.store.schema import check_level
-from trainer_client.vocabulary import SELECTOR_KEYS
+from trainer_client.vocabulary import LABEL_KEYS, SELECTOR_KEYS
 
 logger = logging.getLogger(__name__)
 
 SELECT_RUNS = (
-    f"SELECT {qualified('r', RUN)}, {qualified('d', DECISION)} FROM runs AS r "
-    "LEFT JOIN decisions AS d ON d.run_id = r.run_id AND d.epoch = r.last_epoch"
+    f"SELECT {qualified('r', RUN)}, {qualified('d', DECISION)}, {SUMMARY_EXTRA} FROM runs AS r "
+    "LEFT JOIN decisions AS d ON d.run_id = r.run_id AND d.epoch = r.last_epoch "
+    "LEFT JOIN run_attempts AS a ON a.run_id = r.run_id AND a.attempt = r.attempt"
 )
 _SELECT_PAIRS = (
     f"SELECT {qualified('p', REPORT)}, {qualified('d', DECISION)} FROM reports AS p "
     "JOIN decisions AS d ON d.run_id = p.run_id AND d.epoch = p.epoch "
-    "WHERE p.run_id = ? ORDER BY p.epoch"
+    "WHERE p.run_id = ? AND p.epoch >= ? ORDER BY p.epoch LIMIT ?"
 )
+_SELECT_SUPERSEDED = (
+    f"SELECT {qualified('p', REPORT)}, {qualified('d', DECISION)} "
+    "FROM superseded_reports AS p JOIN superseded_decisions AS d "
+    "ON d.run_id = p.run_id AND d.attempt = p.attempt AND d.epoch = p.epoch "
+    "WHERE p.run_id = ? AND p.epoch >= ? AND p.epoch <= ? ORDER BY p.epoch, p.attempt"
+)
+# A run's epochs after `cut` leave its current history for the superseded tables
+# (params of each: superseded_by where named, run_id, cut). Shadow decisions go.
+_SUPERSEDE = (
+    f"INSERT INTO superseded_reports ({REPORT}, attempt, superseded_by) "
+    f"SELECT {qualified('p', REPORT)}, d.attempt, ? FROM reports AS p JOIN decisions AS d "
+    "ON d.run_id = p.run_id AND d.epoch = p.epoch WHERE p.run_id = ? AND p.epoch > ?",
+    f"INSERT INTO superseded_decisions ({DECISION}, state, superseded_by) "
+    f"SELECT {DECISION}, state, ? FROM decisions WHERE run_id = ? AND epoch > ?",
+    "DELETE FROM shadow_decisions WHERE run_id = ? AND epoch > ?",
+    "DELETE FROM decisions WHERE run_id = ? AND epoch > ?",
+    "DELETE FROM reports WHERE run_id = ? AND epoch > ?",
+)
+# The summary of a run whose history was cut, from what remains (params: attempt,
+# seen, the labels, then run_id five times, then the initial LR, then run_id).
+_RESUMMARISE_RUN = (
+    "UPDATE runs SET attempt = ?, last_seen = ?, "
+    + ", ".join(f"{k} = ?" for k in LABEL_KEYS)
+    + ", last_epoch = coalesce((SELECT max(epoch) FROM reports WHERE run_id = ?), -1), "
+    "report_count = (SELECT count(*) FROM reports WHERE run_id = ?), "
+    "intervention_count = coalesce((SELECT intervention_count FROM reports "
+    "WHERE run_id = ? ORDER BY epoch DESC LIMIT 1), 0), "
+    "current_lr = coalesce((SELECT current_lr FROM reports "
+    "WHERE run_id = ? ORDER BY epoch DESC LIMIT 1), ?) WHERE run_id = ?"
+)
+#: An epoch above every real one (an open upper bound as a parameter).
+_NO_EPOCH_BOUND = 2**62
 _UPSERT_SINGLETON = (
     "INSERT INTO {table} (id, version, {at}, actor) VALUES (1, ?, ?, ?) "
     "ON CONFLICT (id) DO UPDATE SET version = excluded.version, "
@@ -215,11 +258,15 @@ class SqlStore(Store, Generic[S]):
             rows = s.execute(sql, (*params, limit)).fetchall()
         return [self.codec.decision_from(r) for r in rows]
 
-    def shadow_decisions(self, run_id: str) -> list[Decision]:
+    def shadow_decisions(
+        self, run_id: str, from_epoch: int = 0, to_epoch: int | None = None
+    ) -> list[Decision]:
+        upper = to_epoch if to_epoch is not None else _NO_EPOCH_BOUND
         with self._reading() as s:
             rows = s.execute(
-                f"SELECT {DECISION} FROM shadow_decisions WHERE run_id = ? ORDER BY epoch",
-                (run_id,),
+                f"SELECT {DECISION} FROM shadow_decisions WHERE run_id = ? "
+                "AND epoch >= ? AND epoch <= ? ORDER BY epoch",
+                (run_id, from_epoch, upper),
             ).fetchall()
         return [self.codec.decision_from(r) for r in rows]
 
@@ -243,10 +290,16 @@ class SqlStore(Store, Generic[S]):
             raise ValueError("set_override needs an override with created_at set")
         created_at = self.codec.time(override.created_at)
         with self._writing(runs=[override.run_id]) as s:
+            # The run's lock is held: the active override read here is the one replaced.
+            active = s.execute(
+                "SELECT max(id) FROM overrides WHERE run_id = ? AND cleared_at IS NULL",
+                (override.run_id,),
+            ).fetchone()
+            new = replace(override, replaced_override_id=active[0] if active else None)
             row = self._insert_returning(
                 s,
                 insert("overrides", NEW_OVERRIDE),
-                self.codec.override_row(override, created_at),
+                self.codec.override_row(new, created_at),
                 "overrides",
                 OVERRIDE,
             )
@@ -386,7 +439,8 @@ class SqlStore(Store, Generic[S]):
     # --- runs ---------------------------------------------------------------------------
 
     def list_runs(self, run_filter: RunFilter) -> list[RunSummary]:
-        """Runs matching the filter, most recently active first; limit <= 0 means no limit."""
+        """Runs matching the filter, most recently active first; limit <= 0 means no limit.
+        A status filter of ACTIVE or STALE selects every run not finished."""
         where: list[str] = []
         params: list[Any] = []
         for column in SELECTOR_KEYS:
@@ -394,6 +448,10 @@ class SqlStore(Store, Generic[S]):
             if value:
                 where.append(f"r.{column} = ?")
                 params.append(value)
+        status = run_filter.status
+        if status is not None:
+            where.append("coalesce(a.status, 'ACTIVE') = ?")
+            params.append(status.value if status.finished else RunStatus.ACTIVE.value)
         sql = SELECT_RUNS
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -403,16 +461,170 @@ class SqlStore(Store, Generic[S]):
             rows = s.execute(sql, params).fetchall()
         return [self.codec.summary_from(row) for row in rows]
 
-    def get_run(self, run_id: str) -> tuple[RunSummary, list[tuple[Report, Decision]]] | None:
+    def get_run(
+        self, run_id: str, from_epoch: int = 0, limit: int = 0
+    ) -> tuple[RunSummary, list[tuple[Report, Decision]]] | None:
         with self._snapshot() as s:
             row = s.execute(SELECT_RUNS + " WHERE r.run_id = ?", (run_id,)).fetchone()
             if row is None:
                 return None
-            pairs = s.execute(_SELECT_PAIRS, (run_id,)).fetchall()
+            pairs = s.execute(
+                _SELECT_PAIRS, (run_id, from_epoch, limit if limit > 0 else self.no_limit)
+            ).fetchall()
+        return self.codec.summary_from(row), self._pairs(pairs)
+
+    def _pairs(self, rows: Sequence[Any]) -> list[tuple[Report, Decision]]:
+        """(report, decision) from rows of REPORT then DECISION columns (the decision
+        records the attempt and lateness)."""
         c = self.codec
-        return c.summary_from(row), [
-            (c.report_from(p[:N_REPORT]), c.decision_from(p[N_REPORT:])) for p in pairs
-        ]
+        return [(c.report_from(p[:N_REPORT]), c.decision_from(p[N_REPORT:])) for p in rows]
+
+    def stored_report(self, run_id: str, epoch: int) -> Report | None:
+        with self._reading() as s:
+            row = s.execute(
+                f"SELECT {REPORT} FROM reports WHERE run_id = ? AND epoch = ?", (run_id, epoch)
+            ).fetchone()
+        return None if row is None else self.codec.report_from(row)
+
+    def superseded(
+        self, run_id: str, from_epoch: int = 0, to_epoch: int | None = None
+    ) -> list[tuple[Report, Decision]]:
+        upper = to_epoch if to_epoch is not None else _NO_EPOCH_BOUND
+        with self._reading() as s:
+            rows = s.execute(_SELECT_SUPERSEDED, (run_id, from_epoch, upper)).fetchall()
+        return self._pairs(rows)
+
+    def start_attempt(self, attempt: RunAttempt, labels: RunLabels) -> RunAttempt:
+        c = self.codec
+        run_id = attempt.run_id
+        at = c.time(attempt.started_at)
+        with self._writing(runs=[run_id]) as s:
+            row = s.execute("SELECT attempt FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                number, moved, reset = 1, 0, False
+                s.execute(
+                    insert("runs", RUN),
+                    (
+                        run_id,
+                        *labels_row(labels),
+                        at,
+                        at,
+                        -1,
+                        0,
+                        0,
+                        c.real(attempt.initial_lr or 0.0),
+                    ),
+                )
+            else:
+                number = row[0] + 1
+                reset = attempt.resume_from_epoch is None
+                cut = -1 if attempt.resume_from_epoch is None else attempt.resume_from_epoch
+                moved = self._supersede(s, run_id, cut, number)
+                s.execute(
+                    _RESUMMARISE_RUN,
+                    (
+                        number,
+                        at,
+                        *labels_row(labels),
+                        *[run_id] * 4,
+                        c.real(attempt.initial_lr or 0.0),
+                        run_id,
+                    ),
+                )
+            stored = replace(attempt, attempt=number, history_reset=reset, superseded_epochs=moved)
+            s.execute(insert("run_attempts", ATTEMPT), c.attempt_row(stored))
+        return stored
+
+    def _supersede(self, s: S, run_id: str, cut: int, by: int) -> int:
+        """Move the run's epochs after `cut` to the superseded tables; how many moved."""
+        reports, decisions, *deletes = _SUPERSEDE
+        s.execute(reports, (by, run_id, cut))
+        moved = s.execute(decisions, (by, run_id, cut)).rowcount
+        for statement in deletes:
+            s.execute(statement, (run_id, cut))
+        return max(moved, 0)
+
+    def finish_attempt(
+        self,
+        run_id: str,
+        attempt: int,
+        status: RunStatus,
+        error: str,
+        metrics: FinalMetrics,
+        at: datetime,
+    ) -> RunAttempt:
+        c = self.codec
+        with self._writing(runs=[run_id]) as s:
+            row = s.execute(
+                "SELECT attempt, first_seen FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"run {run_id!r} is not known")
+            latest = row[0]
+            number = attempt or latest
+            if number > latest:
+                raise NotFound(f"run {run_id!r} has no attempt {number} (its latest is {latest})")
+            if number < latest:
+                raise FailedPrecondition(
+                    f"attempt {number} of run {run_id!r} was superseded by attempt {latest}"
+                )
+            found = s.execute(
+                f"SELECT {ATTEMPT} FROM run_attempts WHERE run_id = ? AND attempt = ?",
+                (run_id, number),
+            ).fetchone()
+            current = (
+                c.attempt_from(found)
+                if found is not None
+                else RunAttempt(run_id=run_id, attempt=number, started_at=c.dt(row[1]))
+            )
+            ended = replace(current, status=status, finished_at=at, error=error, metrics=metrics)
+            if found is None:
+                s.execute(insert("run_attempts", ATTEMPT), c.attempt_row(ended))
+            else:
+                s.execute(
+                    "UPDATE run_attempts SET status = ?, finished_at = ?, error = ?, metrics = ? "
+                    "WHERE run_id = ? AND attempt = ?",
+                    (
+                        status.value,
+                        c.time(at),
+                        c.text(error),
+                        dump_metrics(metrics),
+                        run_id,
+                        number,
+                    ),
+                )
+        return ended
+
+    def list_attempts(self, run_id: str) -> list[RunAttempt]:
+        c = self.codec
+        with self._snapshot() as s:
+            rows = s.execute(
+                f"SELECT {ATTEMPT} FROM run_attempts WHERE run_id = ? ORDER BY attempt",
+                (run_id,),
+            ).fetchall()
+            run = s.execute("SELECT first_seen FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        attempts = [c.attempt_from(r) for r in rows]
+        if run is not None and (not attempts or attempts[0].attempt > 1):
+            # The run began reporting without a StartRun: its implicit first attempt.
+            attempts.insert(0, RunAttempt(run_id=run_id, attempt=1, started_at=c.dt(run[0])))
+        return attempts
+
+    def recent_epoch_times(self, run_ids: Sequence[str], count: int) -> dict[str, list[datetime]]:
+        times: dict[str, list[datetime]] = {run_id: [] for run_id in run_ids}
+        if not run_ids:
+            return times
+        marks = ", ".join("?" * len(run_ids))
+        with self._reading() as s:
+            rows = s.execute(
+                "SELECT run_id, decided_at FROM (SELECT run_id, decided_at, row_number() "
+                "OVER (PARTITION BY run_id ORDER BY epoch DESC) AS n FROM decisions "
+                f"WHERE run_id IN ({marks}) AND NOT late) AS t WHERE n <= ? "
+                "ORDER BY run_id, n",
+                (*run_ids, count),
+            ).fetchall()
+        for run_id, decided_at in rows:
+            times[run_id].append(self.codec.dt(decided_at))
+        return times
 
     def run_ids(self) -> list[str]:
         with self._reading() as s:

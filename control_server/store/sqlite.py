@@ -87,8 +87,8 @@ _CONSUME_OVERRIDE = (
 _SELECT_DECISION = f"SELECT {DECISION} FROM decisions WHERE run_id = ? AND epoch = ?"
 # Everything load_context needs in ONE statement (atomic without BEGIN/COMMIT; on the
 # report hot path each statement costs more than the lookups in it):
-# - the newest stored epoch, the active, shadow and pinned versions and the run's
-#   latest uncleared override (partial index), in one row;
+# - the run's newest stored epoch and latest attempt, the active, shadow and pinned
+#   versions and the run's latest uncleared override (partial index), in one row;
 # - the most specific pin matching the run's labels, ties to the most recently pinned
 #   (a scan: pins are few, and the OR-index plan SQLite picks otherwise is slower);
 # - joined to the decision at `epoch` (if stored) and the latest one before it (unique
@@ -100,9 +100,10 @@ _BEST_PIN = (
     "pinned_at DESC, id DESC LIMIT 1"
 )
 _SELECT_CONTEXT = (
-    "SELECT (SELECT max(epoch) FROM decisions WHERE run_id = ?), "
-    f"a.version, sp.version, pin.version, {qualified('o', OVERRIDE)}, d.* "
-    "FROM (SELECT 1) AS one "
+    "SELECT r.last_epoch, "
+    f"a.version, sp.version, pin.version, r.attempt, r.last_epoch, {qualified('o', OVERRIDE)}, "
+    "d.* FROM (SELECT 1) AS one "
+    "LEFT JOIN runs AS r ON r.run_id = ? "
     "LEFT JOIN active_policy AS a ON a.id = 1 "
     "LEFT JOIN shadow_policy AS sp ON sp.id = 1 "
     f"LEFT JOIN policy_pins AS pin ON pin.id = ({_BEST_PIN}) "

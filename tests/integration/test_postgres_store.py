@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - psycopg is in [dev]
     pytest.skip("psycopg is not installed (pip install -e '.[postgres]')", allow_module_level=True)
 
 from control_server.domain import (
+    Decision,
     DecisionFilter,
     DecisionRecord,
     Report,
@@ -40,9 +41,15 @@ from control_server.store.factory import redact_url
 from control_server.store.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, load_migrations
 from tests.conftest import ServerThread
 from tests.factories import epoch_report, make_record, make_report
+from tests.integration.test_cli import cli
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
-SHIPPED = [(1, "0001_initial.sql"), (2, "0002_operators.sql")]
+SHIPPED = [
+    (1, "0001_initial.sql"),
+    (2, "0002_operators.sql"),
+    (3, "0003_attempts.sql"),
+    (4, "0004_override_actions.sql"),
+]
 
 
 @pytest.fixture
@@ -103,8 +110,11 @@ def test_replicas_starting_together_migrate_once(pg_fresh_url: str) -> None:
 
 def test_a_newer_schema_is_refused(pg_fresh_url: str) -> None:
     PostgresStore(pg_fresh_url).close()
-    _raw(pg_fresh_url, "INSERT INTO schema_version VALUES (3, '0003_future.sql', now())")
-    with pytest.raises(StoreUnavailable, match=r"schema version 3 is newer .* knows \(2\)"):
+    latest = len(SHIPPED)
+    _raw(pg_fresh_url, "INSERT INTO schema_version VALUES (%s, 'future.sql', now())", (latest + 1,))
+    with pytest.raises(
+        StoreUnavailable, match=rf"schema version {latest + 1} is newer .* knows \({latest}\)"
+    ):
         PostgresStore(pg_fresh_url)
 
 
@@ -134,7 +144,7 @@ def test_a_later_migration_is_applied_once_and_a_failing_one_changes_nothing(
             (f"d-old-{epoch}", epoch),
         )
 
-    store = PostgresStore(pg_fresh_url)  # 0002 on a populated database
+    store = PostgresStore(pg_fresh_url)  # the later migrations on a populated database
     try:
         assert store.schema_version() == len(SHIPPED)
         existing = store.load_context("run-a", 3).existing
@@ -145,7 +155,7 @@ def test_a_later_migration_is_applied_once_and_a_failing_one_changes_nothing(
         store.close()
 
     broken = _copy(POSTGRES_MIGRATIONS, tmp_path / "broken")
-    (broken / "0003_broken.sql").write_text(
+    (broken / f"{len(SHIPPED) + 1:04d}_broken.sql").write_text(
         "CREATE TABLE half_done (x integer);\nALTER TABLE no_such_table ADD COLUMN y integer;\n",
         encoding="utf-8",
     )
@@ -168,9 +178,48 @@ def test_url_spellings_and_a_password_kept_out_of_messages(pg_url: str) -> None:
             store.close()
     assert redact_url("postgresql://tc:s3cret@db:5432/x") == "postgresql://tc:***@db:5432/x"
     assert redact_url("sqlite:///control.db") == "sqlite:///control.db"
-    with pytest.raises(StoreUnavailable) as refused:
-        PostgresStore("postgresql://tc:s3cret@127.0.0.1:1/x", open_timeout=0.5)
-    assert "s3cret" not in str(refused.value) and "127.0.0.1:1" in str(refused.value)
+    for url in (
+        "postgresql://tc:s3cret@127.0.0.1:1/x",
+        "postgresql://tc@127.0.0.1:1/x?password=s3cret",
+        "host=127.0.0.1 port=1 user=tc password=s3cret dbname=x",
+    ):
+        with pytest.raises(StoreUnavailable) as refused:
+            PostgresStore(url, open_timeout=0.5)
+        assert "s3cret" not in str(refused.value) and "1" in str(refused.value)
+        assert "\n" not in str(refused.value)
+    with pytest.raises(ValueError, match="not a valid PostgreSQL URL") as malformed:
+        open_store("postgresql://tc:s3cret@127.0.0.1/x?password=s3cret&bogus=1")
+    assert "s3cret" not in str(malformed.value)
+
+
+def test_serve_on_a_database_that_does_not_exist_says_so_at_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    where = psycopg.conninfo.conninfo_to_dict(pg_url)
+    host, port, user = where.get("host", "127.0.0.1"), where.get("port", 5432), where["user"]
+    url = f"postgresql://{user}:Us3rPassw0rd@{host}:{port}/nosuchdb_tc?password=Qu3ryPassw0rd"
+    began = time.monotonic()
+    result = cli("serve", "--listen", "127.0.0.1:0", "--store", url, cwd=tmp_path)
+    took = time.monotonic() - began
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"control-server serve: postgresql store postgresql://{user}:***@{host}:{port}/"
+        f'nosuchdb_tc?password=***: database "nosuchdb_tc" does not exist; create it with: '
+        f"createdb -h {host} -p {port} -U {user} nosuchdb_tc"
+    ], result.stderr
+    assert took < 5, f"{took:.1f} s: the pool's retries were waited out"
+
+
+def test_a_server_refused_by_its_database_says_why_at_once(pg_url: str, tmp_path: Path) -> None:
+    where = psycopg.conninfo.conninfo_to_dict(pg_url)
+    url = f"postgresql://no_such_role_tc:Us3rPassw0rd@{where.get('host', '127.0.0.1')}:" + (
+        f"{where.get('port', 5432)}/{where['dbname']}"
+    )
+    result = cli("serve", "--listen", "127.0.0.1:0", "--store", url, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.endswith('role "no_such_role_tc" does not exist'), line
+    assert "Us3rPassw0rd" not in line
 
 
 # --- replicas on one database -----------------------------------------------------------
@@ -259,7 +308,9 @@ def test_replicas_serialise_read_decide_write_per_run(
         release.wait(10)
         return _decide(report, context)
 
-    def counted_decide(report: Report, context: RunContext) -> DecisionRecord:
+    def counted_decide(report: Report, context: RunContext) -> DecisionRecord | Decision:
+        if context.existing is not None:
+            return context.existing  # a retry: answered as recorded, not decided again
         second_decided.append(report)
         return _decide(report, context)
 
@@ -294,9 +345,7 @@ def test_replicas_locking_overlapping_runs_in_any_order_never_deadlock(
     def replica(index: int) -> None:
         for epoch in range(6):
             order = runs if (index + epoch) % 2 else runs[::-1]
-            outcomes = replicas[index].group_commit(
-                [make_report(r, epoch) for r in order], _decide
-            )
+            outcomes = replicas[index].group_commit([make_report(r, epoch) for r in order], _decide)
             with lock:
                 for run_id, outcome in zip(order, outcomes, strict=True):
                     assert not isinstance(outcome, Exception), outcome

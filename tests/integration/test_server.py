@@ -72,8 +72,12 @@ def test_a_plateau_is_met_with_a_gradient_aware_lr_boost(stubs: Stubs) -> None:
 
 def test_a_retried_report_gets_the_same_decision_and_no_second_row(stubs: Stubs) -> None:
     first = stubs.control.ReportEpoch(epoch_report("run-r", 0))
-    again = stubs.control.ReportEpoch(epoch_report("run-r", 0, val_loss=9.0))
+    again = stubs.control.ReportEpoch(epoch_report("run-r", 0))
     assert again == first
+    with pytest.raises(grpc.RpcError) as refused:
+        stubs.control.ReportEpoch(epoch_report("run-r", 0, val_loss=9.0, train_loss=1.5))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "different train_loss, val_loss" in refused.value.details()
     run = stubs.admin.GetRun(pb.GetRunRequest(run_id="run-r"))
     assert [e.decision.decision_id for e in run.epochs] == [first.decision_id]
     assert run.epochs[0].report.val_loss == pytest.approx(0.6)
@@ -87,7 +91,12 @@ def test_a_retried_report_gets_the_same_decision_and_no_second_row(stubs: Stubs)
         ({"epoch": -1}, "epoch"),
         ({"current_lr": -0.1}, "current_lr"),
         ({"current_lr": math.nan}, "current_lr"),
+        ({"current_lr": 0.0}, "current_lr: must be a finite number > 0, but got 0.0"),
+        ({"current_lr": math.inf}, "current_lr"),
         ({"initial_lr": 0.0}, "initial_lr"),
+        ({"initial_lr": -0.01}, "initial_lr"),
+        ({"initial_lr": math.nan}, "initial_lr"),
+        ({"initial_lr": math.inf}, "initial_lr"),
         ({"avg_gradient_norm": -1.0}, "avg_gradient_norm"),
         ({"intervention_count": -2}, "intervention_count"),
         ({"loss_weights": {"dice": 1.0, "tversky": 1.0}}, "loss_weights['tversky']"),

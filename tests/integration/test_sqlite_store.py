@@ -53,8 +53,15 @@ def _raw(db: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[obje
         conn.close()
 
 
-SHIPPED = [(1, "0001_initial.sql"), (2, "0002_operators.sql")]
+SHIPPED = [
+    (1, "0001_initial.sql"),
+    (2, "0002_operators.sql"),
+    (3, "0003_attempts.sql"),
+    (4, "0004_override_actions.sql"),
+]
 LATEST = len(SHIPPED)
+#: The file name of a migration the package does not ship (a later one, in a test).
+NEXT = f"{LATEST + 1:04d}"
 
 
 def test_migrations_ship_with_the_package() -> None:
@@ -87,8 +94,14 @@ def test_data_survives_close_and_reopen(db: Path) -> None:
 
 def test_a_newer_schema_is_refused(db: Path) -> None:
     SqliteStore(db).close()
-    _raw(db, "INSERT INTO schema_version (version, name, applied_at) VALUES (3, 'x', 'now')")
-    with pytest.raises(StoreUnavailable, match=r"schema version 3 is newer .* knows \(2\)"):
+    _raw(
+        db,
+        "INSERT INTO schema_version (version, name, applied_at) VALUES (?, 'x', 'now')",
+        (LATEST + 1,),
+    )
+    with pytest.raises(
+        StoreUnavailable, match=rf"schema version {LATEST + 1} is newer .* knows \({LATEST}\)"
+    ):
         SqliteStore(db)
 
 
@@ -96,7 +109,7 @@ def test_a_second_migration_is_applied_once(db: Path, migrations: Path) -> None:
     old = SqliteStore(db)
     old.record_decisions([make_record("run-a", 0)])
     old.close()
-    (migrations / "0003_run_notes.sql").write_text(
+    (migrations / f"{NEXT}_run_notes.sql").write_text(
         "-- a later change; semicolons in 'strings;' are fine\n"
         "ALTER TABLE runs ADD COLUMN note TEXT NOT NULL DEFAULT 'a;b';\n"
         "CREATE INDEX runs_by_note ON runs (note);\n",
@@ -106,14 +119,16 @@ def test_a_second_migration_is_applied_once(db: Path, migrations: Path) -> None:
     for _ in range(2):
         store = SqliteStore(db, migrations=migrations)
         try:
-            assert store.schema_version() == 3
+            assert store.schema_version() == LATEST + 1
             assert store.load_context("run-a", 0).existing is not None
         finally:
             store.close()
     assert _raw(db, "SELECT note FROM runs") == [("a;b",)]
-    assert _raw(db, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
+    assert _raw(db, "SELECT version FROM schema_version ORDER BY version") == [
+        (n,) for n in range(1, LATEST + 2)
+    ]
     with pytest.raises(StoreUnavailable, match="newer"):
-        SqliteStore(db)  # the packaged code knows only 0001 and 0002
+        SqliteStore(db)  # the packaged code knows only the shipped ones
 
 
 def test_a_populated_0001_database_upgrades_to_the_operators_schema(
@@ -180,7 +195,7 @@ def test_a_populated_0001_database_upgrades_to_the_operators_schema(
 
 def test_a_failing_migration_changes_nothing(db: Path, migrations: Path) -> None:
     SqliteStore(db).close()
-    (migrations / "0003_broken.sql").write_text(
+    (migrations / f"{NEXT}_broken.sql").write_text(
         "CREATE TABLE half_done (x INTEGER);\nALTER TABLE no_such_table ADD COLUMN y;\n",
         encoding="utf-8",
     )
@@ -191,7 +206,7 @@ def test_a_failing_migration_changes_nothing(db: Path, migrations: Path) -> None
 
 
 def test_numbering_gaps_are_refused(db: Path, migrations: Path) -> None:
-    (migrations / "0004_skips_three.sql").write_text("SELECT 1;", encoding="utf-8")
+    (migrations / f"{LATEST + 2:04d}_skips_one.sql").write_text("SELECT 1;", encoding="utf-8")
     with pytest.raises(RuntimeError, match="without gaps"):
         SqliteStore(db, migrations=migrations)
 
@@ -375,3 +390,78 @@ def test_read_only_opens_neither_a_missing_file_nor_an_unmigrated_one(
         open_store(f"sqlite:///{db}", read_only=True)
     assert db.read_bytes() == before
     assert _raw(db, "SELECT version FROM schema_version") == [(1,)]
+
+
+# --- the file under a running store -------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_whose_file_is_deleted_or_replaced_refuses_every_write(
+    how: str, store: SqliteStore, db: Path
+) -> None:
+    store.record_decisions([make_record("kept", 0)])
+    store.check_writable()
+    copy = db.with_name("copy.db")
+    copy.write_bytes(db.read_bytes())
+    db.unlink()
+    if how == "replaced":
+        copy.rename(db)  # another file (another inode) at the same path
+    said = f"sqlite store {db}: the database file was {how}"
+    with pytest.raises(StoreUnavailable, match=said):
+        store.record_decisions([make_record("lost", 0)])
+    with pytest.raises(StoreUnavailable, match=said):
+        store.check_writable()
+    # Another thread's first connection must not open (or create) what is there now.
+    seen: list[Exception] = []
+
+    def probe() -> None:
+        try:
+            store.check_writable()
+        except Exception as exc:
+            seen.append(exc)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    assert [type(e) for e in seen] == [StoreUnavailable]
+    assert db.exists() == (how == "replaced")
+
+
+def test_the_write_probe_writes_and_leaves_nothing(store: SqliteStore, db: Path) -> None:
+    rows = _raw(db, "SELECT * FROM schema_version")
+    store.check_writable()
+    assert _raw(db, "SELECT * FROM schema_version") == rows
+
+
+def test_create_false_opens_no_new_file(tmp_path: Path) -> None:
+    missing = tmp_path / "gone" / "control.db"
+    with pytest.raises(StoreUnavailable, match="no such file"):
+        open_store(f"sqlite:///{missing}", create=False)
+    assert not missing.parent.exists()
+    missing.parent.mkdir()
+    with pytest.raises(StoreUnavailable, match="no such file"):
+        open_store(f"sqlite:///{missing}", create=False)
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    ("leave", "loud"),
+    [("nothing", False), ("no directory", True), ("a -wal file", True)],
+)
+def test_a_new_store_is_announced_loudly_where_one_was(
+    leave: str, loud: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "var" / "control.db"
+    if leave != "no directory":
+        db.parent.mkdir()
+    if leave == "a -wal file":
+        db.with_name("control.db-wal").write_bytes(b"")
+    with caplog.at_level("INFO", logger="control_server.store.factory"):
+        open_store(f"sqlite:///{db}").close()
+    [said] = [r for r in caplog.records if "creating a new" in r.getMessage()]
+    assert str(db) in said.getMessage()
+    assert said.levelname == ("WARNING" if loud else "INFO")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="control_server.store.factory"):
+        open_store(f"sqlite:///{db}").close()  # it exists now: nothing to say
+    assert not [r for r in caplog.records if "creating a new" in r.getMessage()]

@@ -180,7 +180,9 @@ def test_every_rpc_of_the_proto_is_in_the_role_table() -> None:
     }
     assert set(table) == methods
     trainer = {m for m, roles in table.items() if Role.TRAINER in roles}
-    assert trainer == {"/trainingcontrol.v1.TrainingControl/ReportEpoch"}
+    assert trainer == {
+        f"/trainingcontrol.v1.TrainingControl/{m}" for m in ("StartRun", "ReportEpoch", "FinishRun")
+    }
     operator = {m for m, roles in table.items() if Role.OPERATOR in roles}
     admin = {m for m, roles in table.items() if Role.ADMIN in roles}
     assert operator < admin
