@@ -16,7 +16,10 @@ The child opens its own connection to the same store; the front end keeps its
 own for the admin RPCs. The child exits when the socket closes (the server
 stopped or died), after answering what it has read. If it dies, the calls in
 flight fail with UNAVAILABLE (clients retry; ReportEpoch is idempotent) and the
-front end starts a new one.
+front end starts a new one. The child opens the store the front end opened and
+never creates one: a SQLite file deleted meanwhile stays missing (StoreUnavailable)
+rather than starting an empty record. A batch that the store refused tells the
+front end (`on_unavailable`), whose health probe then looks at once.
 
 Wire format (both ends are this module; little-endian):
 
@@ -53,6 +56,7 @@ from control_server.domain import (
     Report,
     StoreUnavailable,
 )
+from control_server.redact import redact
 from control_server.report_epoch import ReportEpoch
 from control_server.store import Store, open_store
 from trainer_client.api import control_pb2 as pb
@@ -78,6 +82,7 @@ RESTART_DELAY_S = 0.5
 _OK: int = grpc.StatusCode.OK.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_UNAVAILABLE: int = grpc.StatusCode.UNAVAILABLE.value[0]
 #: Told (rows, seconds) after each committed batch (metrics).
 BatchObserver = Callable[[int, float], None]
 
@@ -114,7 +119,7 @@ def answer_batch(use_case: ReportEpoch, items: list[tuple[int, bytes]]) -> bytes
             decided: list[Decision | BaseException] = list(use_case.decide_batch(reports))
             rows = sum(isinstance(d, Decision) for d in decided)
         except StoreUnavailable as exc:
-            logger.warning("group commit of %d reports failed: %s", len(reports), exc)
+            logger.warning("group commit of %d reports failed: %s", len(reports), redact(str(exc)))
             decided = [exc] * len(reports)
         except Exception as exc:
             logger.exception("group commit of %d reports failed unexpectedly", len(reports))
@@ -133,7 +138,7 @@ def answer_batch(use_case: ReportEpoch, items: list[tuple[int, bytes]]) -> bytes
             if isinstance(result, InvalidArgument):
                 code, field, text = status_of(result), result.field, result.problem
             elif result is not None:
-                code, text = status_of(result), str(result)
+                code, text = status_of(result), redact(str(result))
             if code == _INTERNAL:
                 text = f"the decision failed: {text}"
             body = f"{field}\0{text}".encode("utf-8", "replace")
@@ -213,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads(sock.makefile("rb").readline())
     logs.configure(config["log_level"], config["log_format"])
     try:
-        store = open_store(config["store_url"], remember_contexts=True)
+        store = open_store(config["store_url"], remember_contexts=True, create=False)
     except Exception as exc:
-        sock.sendall(f"error {exc}\n".encode())
+        reason = " ".join(redact(str(exc)).split())  # one line: the front end reads one
+        sock.sendall(f"error {reason}\n".encode())
         return 1
     sock.sendall(b"ready\n")
     try:
@@ -242,12 +248,19 @@ class Decider:
 
     `batches` and `rows` count what the decider committed. Start with
     `await Decider.start(store_url)`; `await close()` answers every call made so
-    far, then stops the process.
+    far, then stops the process. `on_unavailable` is called after each batch that
+    the store refused (some call answered UNAVAILABLE).
     """
 
-    def __init__(self, store_url: str, observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        store_url: str,
+        observer: BatchObserver | None = None,
+        on_unavailable: Callable[[], None] | None = None,
+    ) -> None:
         self._store_url = store_url
         self._observer = observer
+        self._on_unavailable = on_unavailable
         self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._next_id = 0
         self._outbox: list[bytes] = []
@@ -260,9 +273,14 @@ class Decider:
         self.restarts = 0
 
     @classmethod
-    async def start(cls, store_url: str, observer: BatchObserver | None = None) -> Decider:
+    async def start(
+        cls,
+        store_url: str,
+        observer: BatchObserver | None = None,
+        on_unavailable: Callable[[], None] | None = None,
+    ) -> Decider:
         """Start the process and wait until it has opened the store."""
-        decider = cls(store_url, observer)
+        decider = cls(store_url, observer, on_unavailable)
         await decider._spawn()
         return decider
 
@@ -350,6 +368,8 @@ class Decider:
             if len(items) < count:
                 break  # the rest of this frame has not arrived yet
             offset = at
+            if self._on_unavailable is not None and any(i[1] == _UNAVAILABLE for i in items):
+                self._on_unavailable()
             for request_id, status, action, source, body in items:
                 future = self._pending.pop(request_id, None)
                 if future is None or future.done():

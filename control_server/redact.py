@@ -26,9 +26,12 @@ STORE_UNAVAILABLE = "store unavailable"
 # scheme://user:password@ -- libpq ends the credentials at the first '@' or '/'.
 _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:@/\s]*):[^@/\s]*@")
 # password=, sslpassword=, PGPASSWORD= ... in a query string, a keyword DSN or an
-# environment: up to '&' or white space, or a whole single-quoted libpq value.
+# environment: a whole single-quoted libpq value, or up to '&' or white space (but for
+# one punctuation mark before it, which a message puts after a URL).
 _KEYWORD = re.compile(
-    r"(?P<head>\b\w*password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|[^\s&]*)", re.IGNORECASE
+    r"(?P<head>\b\w*password\s*=\s*)"
+    r"(?:'(?:[^'\\]|\\.)*'?|[^\s&]*?(?=[:;,.)\"']?(?:\s|&|$)))",
+    re.IGNORECASE,
 )
 
 

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
+import shlex
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -51,8 +54,8 @@ from control_server.domain import (
     RunLabels,
     StoreUnavailable,
 )
+from control_server.redact import redact
 from control_server.store.base import DecideReport
-from control_server.store.factory import redact_url
 from control_server.store.postgres_batch import (
     CODEC,
     LOCK_CLASS,
@@ -101,6 +104,12 @@ _SESSION_SETTINGS = {
 
 #: Seconds a call waits for a connection while the database is known to be down.
 FAIL_FAST_S = 0.1
+
+# What the server answers a connection it refuses for good (said at once at open); any
+# other refusal (starting up, in recovery, too many clients) is waited out.
+_NO_DATABASE = re.compile(r'FATAL:\s+database "(?P<db>[^"]*)" does not exist')
+_FATAL = re.compile(r"FATAL:\s+(?P<why>.*)")
+_TRANSIENT = re.compile(r"database system is|too many clients|connection slots", re.IGNORECASE)
 
 _BEGIN_WRITE = "BEGIN"
 _BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
@@ -190,8 +199,16 @@ class PostgresStore(SqlStore[_Session]):
             raise ValueError(
                 f"session_timeouts takes {sorted(_SESSION_SETTINGS)}, but got {sorted(unknown)}."
             )
-        params: dict[str, Any] = {**CONNECT_DEFAULTS, **conninfo_to_dict(url)}
-        self._name = redact_url(url)
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise ValueError(
+                f"not a valid PostgreSQL URL {redact(url)!r}: {_one_line(exc)}"
+            ) from None
+        params: dict[str, Any] = {**CONNECT_DEFAULTS, **given}
+        #: Masked wherever they would appear in a message (redact's patterns aside).
+        self._secrets = tuple(str(given[k]) for k in ("password", "sslpassword") if given.get(k))
+        self._name = redact(url, self._secrets)
         self._timeout = timeout
         self._max_size = max_size
         self._local = threading.local()
@@ -211,6 +228,9 @@ class PostgresStore(SqlStore[_Session]):
             open=False,
         )
         try:
+            began = time.monotonic()
+            self._refused_for_good(params)
+            open_timeout = max(open_timeout - (time.monotonic() - began), FAIL_FAST_S)
             self._pool.open(wait=True, timeout=open_timeout)
             with self._pool.connection(timeout=open_timeout) as conn:
                 if read_only:
@@ -221,9 +241,36 @@ class PostgresStore(SqlStore[_Session]):
         except BaseException as exc:
             self.close()
             if isinstance(exc, psycopg.Error):
-                raise StoreUnavailable(f"postgresql store {self._name}: {exc}") from exc
+                raise self._unavailable(exc) from exc
             raise
         logger.info("opened postgresql store %s (schema %d)", self._name, self._level)
+
+    def _refused_for_good(self, params: Mapping[str, Any]) -> None:
+        """One connection before the pool's: a database that refuses this server for
+        good (no such database or role, a wrong password, no pg_hba.conf entry) is said
+        at once, in one line, not after `open_timeout` of the pool's retries. One that
+        is not up yet (refused, starting, in recovery) is left to the pool to wait for."""
+        try:
+            psycopg.connect(make_conninfo("", **params), autocommit=True).close()
+        except psycopg.OperationalError as exc:
+            text = str(exc)
+            missing = _NO_DATABASE.search(text)
+            if missing is not None:
+                db = missing["db"]
+                where = [
+                    f"{flag} {shlex.quote(str(params[key]))}"
+                    for flag, key in (("-h", "host"), ("-p", "port"), ("-U", "user"))
+                    if params.get(key)
+                ]
+                raise StoreUnavailable(
+                    f'postgresql store {self._name}: database "{db}" does not exist; create '
+                    f"it with: createdb {' '.join([*where, shlex.quote(db)])}"
+                ) from None
+            fatal = _FATAL.search(text)
+            if fatal is not None and _TRANSIENT.search(fatal["why"]) is None:
+                raise StoreUnavailable(
+                    redact(f"postgresql store {self._name}: {fatal['why'].strip()}", self._secrets)
+                ) from None
 
     # --- connections and transactions -------------------------------------------------
 
@@ -264,7 +311,10 @@ class PostgresStore(SqlStore[_Session]):
             logger.warning("returning a connection to %s failed", self._name, exc_info=True)
 
     def _unavailable(self, exc: psycopg.Error) -> StoreUnavailable:
-        return StoreUnavailable(f"postgresql store {self._name}: {exc}".strip())
+        """StoreUnavailable for a psycopg error: one line, every credential masked."""
+        return StoreUnavailable(
+            redact(f"postgresql store {self._name}: {_one_line(exc)}", self._secrets)
+        )
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -508,6 +558,11 @@ def _session_setup(
         conn.execute(sql)
 
     return configure
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's text on one line (libpq's spans several: the error, then hints)."""
+    return " ".join(str(exc).split())
 
 
 def _rollback(conn: Connection) -> None:
