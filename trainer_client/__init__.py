@@ -14,12 +14,13 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trainer_client.client import ControlClient, RunState
+    from trainer_client.client import ControlClient, RunStart, RunState
     from trainer_client.config import ClientConfig
     from trainer_client.errors import (
         ControlError,
         ControlProtocolError,
         ControlRejected,
+        ControlSetupError,
         ControlUnauthorized,
         ControlUnavailable,
     )
@@ -31,8 +32,10 @@ __all__ = [
     "ControlError",
     "ControlProtocolError",
     "ControlRejected",
+    "ControlSetupError",
     "ControlUnauthorized",
     "ControlUnavailable",
+    "RunStart",
     "RunState",
     "SimulatedRun",
 ]
@@ -43,8 +46,10 @@ _HOME = {
     "ControlError": "errors",
     "ControlProtocolError": "errors",
     "ControlRejected": "errors",
+    "ControlSetupError": "errors",
     "ControlUnauthorized": "errors",
     "ControlUnavailable": "errors",
+    "RunStart": "client",
     "RunState": "client",
     # Also keeps `python -m trainer_client.sim` from loading the sim twice (runpy warns).
     "SimulatedRun": "sim",

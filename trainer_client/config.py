@@ -14,9 +14,21 @@ from pathlib import Path
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_DEADLINE_S = 2.0
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_HELD_REPORTS = 1000
+#: Without TRAINCTL_MAX_LR a decision may set at most this multiple of the run's initial
+#: LR: room for an operator's raise above the policy's cap, none for a typo's 1e308.
+DEFAULT_MAX_LR_FACTOR = 10.0
 
 _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
+#: TRAINCTL_FAIL_OPEN's values: (fail_open, fail_open_on_setup) for each.
+_FAIL_OPEN = {
+    "outage": (True, False),
+    "always": (True, True),
+    "never": (False, False),
+    **{word: (True, False) for word in _TRUE},
+    **{word: (False, False) for word in _FALSE},
+}
 
 
 @dataclass(frozen=True)
@@ -29,8 +41,13 @@ class ClientConfig:
     run_id: str | None = None
     #: Seconds one report may take, retries included (TRAINCTL_DEADLINE_S).
     deadline_s: float = DEFAULT_DEADLINE_S
-    #: On any failure, return no decision and keep training (TRAINCTL_FAIL_OPEN).
+    #: During the run, on any failure return no decision and keep training
+    #: (TRAINCTL_FAIL_OPEN=outage, the default; =never raises instead).
     fail_open: bool = True
+    #: Also train without control after a setup mistake at start (a refused token or
+    #: role, a TLS mismatch, an address that is no control server), which otherwise
+    #: stops the training before it starts (TRAINCTL_FAIL_OPEN=always).
+    fail_open_on_setup: bool = False
     #: Bearer token sent as ``authorization`` metadata (TRAINCTL_TOKEN); kept out of repr.
     token: str | None = field(default=None, repr=False)
     #: Send and receive limit per message (TRAINCTL_MAX_MESSAGE_BYTES).
@@ -44,6 +61,12 @@ class ClientConfig:
     #: (TRAINCTL_TLS_CERT, TRAINCTL_TLS_KEY).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: The largest LR a decision may set; a decision above it is refused
+    #: (TRAINCTL_MAX_LR). None: `DEFAULT_MAX_LR_FACTOR` times the run's initial LR.
+    max_lr: float | None = None
+    #: Reports kept while the server is unreachable, delivered late when it is back;
+    #: beyond this many the oldest are dropped (TRAINCTL_MAX_HELD_REPORTS).
+    max_held_reports: int = DEFAULT_MAX_HELD_REPORTS
 
     @property
     def use_tls(self) -> bool:
@@ -69,6 +92,21 @@ class ClientConfig:
                 "tls_cert and tls_key must be set together, but got "
                 f"tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}."
             )
+        if self.fail_open_on_setup and not self.fail_open:
+            raise ValueError(
+                "fail_open_on_setup needs fail_open: a client that fails open on setup "
+                "mistakes must fail open on outages too."
+            )
+        if self.max_lr is not None and not (math.isfinite(self.max_lr) and self.max_lr > 0):
+            raise ValueError(f"max_lr must be a positive number, but got {self.max_lr!r}.")
+        if self.max_held_reports < 0:
+            raise ValueError(f"max_held_reports must be >= 0, but got {self.max_held_reports!r}.")
+
+    def lr_cap(self, initial_lr: float) -> float:
+        """The largest LR a decision may set for a run that started at `initial_lr`."""
+        if self.max_lr is not None:
+            return self.max_lr
+        return DEFAULT_MAX_LR_FACTOR * initial_lr if initial_lr > 0 else math.inf
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ClientConfig:
@@ -101,12 +139,23 @@ class ClientConfig:
                 f"TRAINCTL_TLS={tls_raw} contradicts {', '.join(sorted(files))}: "
                 "TLS files need TLS."
             )
+        fail_open_raw = get("TRAINCTL_FAIL_OPEN")
+        fail_open, fail_open_on_setup = _FAIL_OPEN.get(
+            (fail_open_raw or "outage").lower(), (None, None)
+        )
+        if fail_open is None or fail_open_on_setup is None:
+            raise ValueError(
+                "TRAINCTL_FAIL_OPEN must be one of outage/always/never (or 1/0/true/false/"
+                f"yes/no: outage/never), but got {fail_open_raw!r}."
+            )
+        held = get("TRAINCTL_MAX_HELD_REPORTS")
         return cls(
             target=target,
             run_id=get("TRAINCTL_RUN_ID"),
             deadline_s=_positive_float("TRAINCTL_DEADLINE_S", get("TRAINCTL_DEADLINE_S"))
             or DEFAULT_DEADLINE_S,
-            fail_open=_boolean("TRAINCTL_FAIL_OPEN", get("TRAINCTL_FAIL_OPEN"), default=True),
+            fail_open=fail_open,
+            fail_open_on_setup=fail_open_on_setup,
             token=token,
             max_message_bytes=_positive_int(
                 "TRAINCTL_MAX_MESSAGE_BYTES", get("TRAINCTL_MAX_MESSAGE_BYTES")
@@ -116,6 +165,12 @@ class ClientConfig:
             tls_ca=files.get("TRAINCTL_TLS_CA"),
             tls_cert=files.get("TRAINCTL_TLS_CERT"),
             tls_key=files.get("TRAINCTL_TLS_KEY"),
+            max_lr=_positive_float("TRAINCTL_MAX_LR", get("TRAINCTL_MAX_LR")),
+            max_held_reports=(
+                DEFAULT_MAX_HELD_REPORTS
+                if held is None
+                else _non_negative_int("TRAINCTL_MAX_HELD_REPORTS", held)
+            ),
         )
 
 
@@ -140,6 +195,16 @@ def _positive_int(name: str, raw: str | None) -> int | None:
         value = 0
     if value <= 0:
         raise ValueError(f"{name} must be a positive integer, but got {raw!r}.")
+    return value
+
+
+def _non_negative_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, but got {raw!r}.")
     return value
 
 

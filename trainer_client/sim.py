@@ -14,6 +14,10 @@ doubles the loss instead (the spec's 0.3222 -> 0.6455) and keeps it there, so
 the server's divergence guard decides ROLLBACK; the run then restores the
 snapshot it took before that intervention.
 
+The CLI runs the loop as a trainer does: StartRun first (a setup mistake ends it
+before the first epoch), a report per epoch, FinishRun at the end (COMPLETED,
+STOPPED when a decision said STOP, FAILED with the error).
+
 The LR follows nnU-Net's PolyLR, ``lr_e = base * (1 - e / epochs) ** 0.9``; a
 decided LR rescales ``base`` so that the next epoch runs at exactly that LR
 and the decay goes on from there, as the real trainer does.
@@ -22,6 +26,7 @@ and the decay goes on from there, as the real trainer does.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import math
 import os
@@ -36,7 +41,7 @@ from pathlib import Path
 from trainer_client.api import control_pb2
 from trainer_client.client import ControlClient, RunState
 from trainer_client.config import ClientConfig
-from trainer_client.errors import ControlError, ControlUnavailable
+from trainer_client.errors import ControlError, ControlSetupError, ControlUnavailable
 
 __all__ = ["SCENARIOS", "SimulatedRun", "main"]
 
@@ -124,6 +129,7 @@ class SimulatedRun:
         self._epoch = 0
         self._interventions_applied = 0
         self._pending: control_pb2.EpochReport | None = None
+        self._best_dice: tuple[float, int] | None = None
         self.stopped = False
 
     @property
@@ -140,6 +146,17 @@ class SimulatedRun:
     def level(self) -> float:
         """The noise-free validation loss of the last epoch run."""
         return self._model.level
+
+    def final_metrics(self) -> control_pb2.FinalMetrics:
+        """What a final validation would say: the last epoch's Dice (one class) and the
+        best pseudo Dice with its epoch."""
+        metrics = control_pb2.FinalMetrics()
+        if self._best_dice is not None:
+            dice = _dice(self._model.level)
+            metrics.mean_dice = dice
+            metrics.dice_per_class["1"] = dice
+            metrics.best_ema_pseudo_dice, metrics.best_ema_epoch = self._best_dice
+        return metrics
 
     def lr_at(self, epoch: int) -> float:
         """The PolyLR value of `epoch` under the current base LR."""
@@ -162,11 +179,14 @@ class SimulatedRun:
         val_loss = level * (1 + self._noise * self._rng.gauss(0.0, 1.0))
         train_loss = _TRAIN_RATIO * level * (1 + self._noise * self._rng.gauss(0.0, 1.0))
         self.state.current_lr = self.lr_at(epoch)
+        dice = _dice(level)
+        if self._best_dice is None or dice > self._best_dice[0]:
+            self._best_dice = (dice, epoch)
         report = self.state.build_report(
             epoch,
             train_loss=train_loss,
             val_loss=val_loss,
-            pseudo_dice=min(1.0, max(0.0, 1.0 - level)),
+            pseudo_dice=dice,
             avg_gradient_norm=max(grad, 0.0),
         )
         self._pending = report
@@ -222,6 +242,10 @@ class SimulatedRun:
         self._model = replace(
             self._model, base_lr=base_lr, loss_weights=dict(self.state.loss_weights)
         )
+
+
+def _dice(level: float) -> float:
+    return min(1.0, max(0.0, 1.0 - level))
 
 
 def _poly(epoch: int, epochs: int) -> float:
@@ -283,7 +307,8 @@ def _parser() -> argparse.ArgumentParser:
         "--fail-open",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep going without decisions when the server fails (TRAINCTL_FAIL_OPEN)",
+        help="keep going without decisions when the server fails during the run "
+        "(TRAINCTL_FAIL_OPEN=outage or never; =always also after a setup mistake)",
     )
     parser.add_argument(
         "--delay", type=float, default=0.0, help="seconds to sleep between epochs (demo pacing)"
@@ -322,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tls_ca": args.tls_ca,
             "tls_cert": args.tls_cert,
             "tls_key": args.tls_key,
+            # --no-fail-open fails closed on setup mistakes too.
+            "fail_open_on_setup": False if args.fail_open is False else None,
         }
         config = replace(config, **{k: v for k, v in flags.items() if v is not None})
         run = SimulatedRun(
@@ -346,29 +373,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(
         f"run {run.state.run_id}: scenario={run.scenario} epochs={run.epochs} "
-        f"server={config.target} fail_open={config.fail_open} tls={config.use_tls} "
+        f"server={config.target} fail_open={_fail_open_mode(config)} tls={config.use_tls} "
         f"token={'set' if config.token else 'none'}",
         flush=True,
     )
-    print(_HEADER, flush=True)
     with ControlClient(config) as client:
-        while not run.done:
-            report = run.next_report()
-            try:
-                decision = client.report(report)
-            except ControlUnavailable as error:
-                print(
-                    f"trainctl-sim: cannot reach the control server at {config.target}: {error}",
-                    file=sys.stderr,
-                )
-                return 2
-            except ControlError as error:
-                print(f"trainctl-sim: epoch {report.epoch}: {error}", file=sys.stderr)
-                return 1
-            run.apply(decision)
-            print(_format_line(report, decision), flush=True)
-            if args.delay > 0 and not run.done:
-                time.sleep(args.delay)
+        try:
+            start = client.start_run(
+                run.state, trainer_name=args.trainer, trainer_version=_version()
+            )
+        except ControlSetupError as error:
+            print(f"trainctl-sim: {error}", file=sys.stderr)
+            return 1
+        except ControlError as error:
+            print(f"trainctl-sim: StartRun: {error}", file=sys.stderr)
+            return 2 if isinstance(error, ControlUnavailable) else 1
+        print(f"attempt {start.attempt}: {start.message}", flush=True)
+        print(_HEADER, flush=True)
+        try:
+            code = _loop(run, client, config, args.delay)
+        except BaseException as error:
+            client.finish_run(
+                run.state.run_id, control_pb2.FAILED, error=f"{type(error).__name__}: {error}"
+            )
+            raise
+        if code != 0:
+            client.finish_run(run.state.run_id, control_pb2.FAILED, error=f"exit status {code}")
+            return code
+        status = control_pb2.STOPPED if run.stopped else control_pb2.COMPLETED
+        client.finish_run(run.state.run_id, status, metrics=run.final_metrics())
     ending = "stopped by the server" if run.stopped else "finished"
     print(
         f"run {run.state.run_id} {ending} after epoch {run.epoch - 1}: "
@@ -377,6 +410,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     return 0
+
+
+def _loop(run: SimulatedRun, client: ControlClient, config: ClientConfig, delay: float) -> int:
+    """Run the epochs; the exit code (0, or 1/2 for a failure with fail-open off)."""
+    while not run.done:
+        report = run.next_report()
+        try:
+            decision = client.report(report)
+        except ControlUnavailable as error:
+            print(
+                f"trainctl-sim: cannot reach the control server at {config.target}: {error}",
+                file=sys.stderr,
+            )
+            return 2
+        except ControlError as error:
+            print(f"trainctl-sim: epoch {report.epoch}: {error}", file=sys.stderr)
+            return 1
+        run.apply(decision)
+        print(_format_line(report, decision), flush=True)
+        if delay > 0 and not run.done:
+            time.sleep(delay)
+    return 0
+
+
+def _fail_open_mode(config: ClientConfig) -> str:
+    """TRAINCTL_FAIL_OPEN's word for `config`."""
+    if config.fail_open_on_setup:
+        return "always"
+    return "outage" if config.fail_open else "never"
+
+
+def _version() -> str:
+    try:
+        return f"training-control {importlib.metadata.version('training-control')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "training-control (from a checkout)"
 
 
 if __name__ == "__main__":

@@ -65,6 +65,36 @@ def test_fail_open_accepts_the_usual_spellings(raw: str, expected: bool) -> None
 
 
 @pytest.mark.parametrize(
+    ("raw", "fail_open", "on_setup"),
+    [
+        ("outage", True, False),
+        ("Always", True, True),
+        ("never", False, False),
+        ("true", True, False),
+        ("0", False, False),
+    ],
+)
+def test_fail_open_outage_always_never(raw: str, fail_open: bool, on_setup: bool) -> None:
+    config = ClientConfig.from_env({"TRAINCTL_FAIL_OPEN": raw})
+    assert (config.fail_open, config.fail_open_on_setup) == (fail_open, on_setup)
+    # The default fails open on outages only: setup mistakes stop the training.
+    default = ClientConfig.from_env({})
+    assert (default.fail_open, default.fail_open_on_setup) == (True, False)
+
+
+def test_the_lr_cap_and_the_held_reports_bound() -> None:
+    default = ClientConfig.from_env({})
+    assert default.max_held_reports == 1000
+    assert default.lr_cap(0.01) == pytest.approx(0.1)  # 10x the run's initial LR
+    assert default.lr_cap(0.0) == float("inf")  # a report without its initial LR
+    config = ClientConfig.from_env({"TRAINCTL_MAX_LR": "0.05", "TRAINCTL_MAX_HELD_REPORTS": "0"})
+    assert config.lr_cap(0.01) == pytest.approx(0.05)
+    assert config.max_held_reports == 0
+    with pytest.raises(ValueError, match="fail_open_on_setup needs fail_open"):
+        ClientConfig(fail_open=False, fail_open_on_setup=True)
+
+
+@pytest.mark.parametrize(
     ("name", "raw", "message"),
     [
         (
@@ -76,7 +106,15 @@ def test_fail_open_accepts_the_usual_spellings(raw: str, expected: bool) -> None
         ("TRAINCTL_DEADLINE_S", "-1", "TRAINCTL_DEADLINE_S must be a positive number"),
         ("TRAINCTL_DEADLINE_S", "nan", "TRAINCTL_DEADLINE_S must be a positive number"),
         ("TRAINCTL_DEADLINE_S", "inf", "TRAINCTL_DEADLINE_S must be a positive number"),
-        ("TRAINCTL_FAIL_OPEN", "maybe", "TRAINCTL_FAIL_OPEN must be one of 1/0/true/false/yes/no"),
+        (
+            "TRAINCTL_FAIL_OPEN",
+            "maybe",
+            "TRAINCTL_FAIL_OPEN must be one of outage/always/never (or 1/0/true/false/yes/no",
+        ),
+        ("TRAINCTL_MAX_LR", "0", "TRAINCTL_MAX_LR must be a positive number, but got '0'."),
+        ("TRAINCTL_MAX_LR", "inf", "TRAINCTL_MAX_LR must be a positive number"),
+        ("TRAINCTL_MAX_HELD_REPORTS", "-1", "TRAINCTL_MAX_HELD_REPORTS must be an integer >= 0"),
+        ("TRAINCTL_MAX_HELD_REPORTS", "many", "TRAINCTL_MAX_HELD_REPORTS must be an integer"),
         ("TRAINCTL_MAX_MESSAGE_BYTES", "4MiB", "TRAINCTL_MAX_MESSAGE_BYTES must be a positive"),
         ("TRAINCTL_MAX_MESSAGE_BYTES", "0", "TRAINCTL_MAX_MESSAGE_BYTES must be a positive"),
         ("TRAINCTL_SERVER", "host :1", "TRAINCTL_SERVER must be a HOST:PORT"),

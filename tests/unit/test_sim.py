@@ -196,3 +196,23 @@ def test_the_client_package_imports_no_server_torch_or_nnunet() -> None:
     )
     repo = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=repo)
+
+
+def test_final_metrics_hold_the_last_dice_and_the_best_with_its_epoch() -> None:
+    sim = SimulatedRun("r", seed=1, epochs=12, scenario="collapse", collapse_at=1)
+    assert sim.final_metrics() == control_pb2.FinalMetrics()  # nothing ran yet
+    dice = []
+    while not sim.done:
+        report = sim.next_report()
+        dice.append(report.pseudo_dice)
+        # The collapse at epoch 6 halves the Dice: the best stays the one before it.
+        sim.apply(
+            decision(report, control_pb2.INTERVENE, lr=0.01, intervention_index=1)
+            if report.epoch == 5
+            else None
+        )
+    metrics = sim.final_metrics()
+    assert metrics.best_ema_epoch == dice.index(max(dice)) == 5
+    assert metrics.best_ema_pseudo_dice == pytest.approx(max(dice))
+    assert metrics.mean_dice < max(dice)
+    assert dict(metrics.dice_per_class) == {"1": pytest.approx(metrics.mean_dice)}
