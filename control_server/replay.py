@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from control_server.domain import Decision, Override, Report, Verdict
+from control_server.domain import Action, Decision, Override, Report, Source, Verdict
 from control_server.policy import INITIAL_STATE, PolicyState, step
 from control_server.policy.document import PolicyDoc
 from control_server.store import Store
@@ -42,6 +42,32 @@ class Difference:
             f"| recomputed {short(self.recomputed)}\n"
             f"    recorded:   {self.recorded.reason}\n    recomputed: {self.recomputed.reason}"
         )
+
+
+def late_verdict(epoch: int) -> Verdict:
+    """What a late report gets: the trainer has moved on, so nothing is decided on it
+    (its record only fills the hole the outage left)."""
+    return Verdict(
+        Action.NONE,
+        Source.POLICY,
+        f"late report of epoch {epoch}, delivered after the server was unreachable: "
+        "recorded, not decided",
+    )
+
+
+def decide_epoch(
+    doc: PolicyDoc,
+    version: str,
+    state: PolicyState,
+    report: Report,
+    override: Override | None,
+    *,
+    late: bool,
+) -> tuple[Verdict, PolicyState]:
+    """One epoch as ReportEpoch decides it: a late report passes the state through."""
+    if late:
+        return late_verdict(report.epoch), state
+    return step(doc, version, state, report, override)
 
 
 def recorded_override(decision: Decision, overrides: Mapping[int, Override]) -> Override | None:
@@ -75,8 +101,8 @@ def _fold(
     states: dict[int, PolicyState] = {}
     for report, recorded in epochs:
         state = _state_before(recorded, states)
-        _, states[report.epoch] = step(
-            doc, version, state, report, recorded_override(recorded, overrides)
+        _, states[report.epoch] = decide_epoch(
+            doc, version, state, report, recorded_override(recorded, overrides), late=recorded.late
         )
     return states
 
@@ -110,7 +136,9 @@ def replay_run(
         doc, version = policy_for(recorded)
         override = recorded_override(recorded, overrides)
         state = _state_before(recorded, states)
-        verdict, states[report.epoch] = step(doc, version, state, report, override)
+        verdict, states[report.epoch] = decide_epoch(
+            doc, version, state, report, override, late=recorded.late
+        )
         if not recorded.same_outcome(verdict):
             differences.append(Difference(report.run_id, report.epoch, recorded, verdict))
     return differences

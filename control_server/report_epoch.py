@@ -19,21 +19,19 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from control_server.domain import (
-    Action,
     Decision,
     DecisionRecord,
     FailedPrecondition,
     NotFound,
     Report,
     RunContext,
-    Source,
     StoreUnavailable,
     Verdict,
     remember,
 )
 from control_server.policy import INITIAL_STATE, PolicyState, step
 from control_server.policy.document import PolicyDoc, parse_policy
-from control_server.replay import fold_state
+from control_server.replay import decide_epoch, fold_state
 from control_server.store import Store
 
 logger = logging.getLogger(__name__)
@@ -108,31 +106,26 @@ class ReportEpoch:
         doc = self.policies.get(version)
         state = self._state(report.run_id, context.previous_state)
         now = self._clock()
-        if report.late:
-            # Recorded so the run's record has no holes; the trainer has moved on, so
-            # nothing is decided on it and the policy state passes through unchanged.
-            late = Verdict(
-                Action.NONE,
-                Source.POLICY,
-                f"late report of epoch {report.epoch}, delivered after the server was "
-                "unreachable: recorded, not decided",
-            )
-            decision = replace(_decision(report, late, version, now, context, attempt), late=True)
-            state_json = state.to_json()
-            remember(self._states, report.run_id, (state_json, state), STATE_MEMO_RUNS)
-            return DecisionRecord(report, decision, state_json)
         override = context.override
-        verdict, new_state = step(doc, version, state, report, override)
-        decision = _decision(report, verdict, version, now, context, attempt)
-        shadow, shadow_state = self._shadow(report, context, version, now, attempt)
+        verdict, new_state = decide_epoch(doc, version, state, report, override, late=report.late)
+        decision = replace(
+            _decision(report, verdict, version, now, context, attempt), late=report.late
+        )
+        # A late report is recorded, not decided: no shadow decision either.
+        shadow, shadow_state = (
+            (None, None) if report.late else self._shadow(report, context, version, now, attempt)
+        )
         state_json = new_state.to_json()
         remember(self._states, report.run_id, (state_json, new_state), STATE_MEMO_RUNS)
         return DecisionRecord(
             report,
             decision,
             state_json,
+            # A `once` override is for a live epoch: a late report leaves it in force.
             consumed_override=(
-                override.override_id if override is not None and override.once else None
+                override.override_id
+                if override is not None and override.once and not report.late
+                else None
             ),
             shadow=shadow,
             shadow_state=shadow_state,

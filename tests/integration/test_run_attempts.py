@@ -15,7 +15,8 @@ import pytest
 
 from control_server.app import activate_startup_policy
 from control_server.domain import FinalMetrics, RunAttempt, RunFilter, RunLabels, RunStatus
-from control_server.report_epoch import ReportEpoch
+from control_server.replay import replay_store
+from control_server.report_epoch import PolicyCache, ReportEpoch
 from control_server.runs import RunLifecycle
 from control_server.store import open_store
 from tests.conftest import ServerThread, Stubs
@@ -307,3 +308,27 @@ def test_get_run_pages_a_run_larger_than_one_message(
     audited = [e for e in server.running.store.admin_events() if e["action"] == "GetRun"]
     assert len(audited) >= 6
     assert all(e["result"] != "OK" for e in audited if "page_size" not in e["details"]["request"])
+
+
+def test_late_reports_leave_a_once_override_for_the_live_epoch_and_replay_agrees(
+    stubs: Stubs, server: ServerThread
+) -> None:
+    start(stubs, "run-o")
+    plateau(stubs, "run-o", range(2), attempt=1)
+    stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-o", lr=0.005, once=True, reason="probe")
+    )
+    late = stubs.control.ReportEpoch(
+        epoch_report("run-o", 2, current_lr=0.001, attempt=1, late=True)
+    )
+    assert late.action == pb.NONE and late.late
+    live = stubs.control.ReportEpoch(epoch_report("run-o", 3, current_lr=0.001, attempt=1))
+    assert (live.action, live.source, live.lr) == (pb.INTERVENE, pb.OVERRIDE, 0.005)
+
+    cache = PolicyCache(server.running.store)
+    runs, decisions, differences = replay_store(
+        server.running.store,
+        None,
+        lambda recorded: (cache.get(recorded.policy_version), recorded.policy_version),
+    )
+    assert (runs, decisions, differences) == (1, 4, [])
