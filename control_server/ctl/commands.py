@@ -84,7 +84,11 @@ class Ctl:
 def cmd_runs(ctl: Ctl, args: argparse.Namespace) -> int:
     """List runs, most recently active first."""
     request = pb.ListRunsRequest(
-        dataset=args.dataset, configuration=args.configuration, fold=args.fold, limit=args.limit
+        dataset=args.dataset,
+        configuration=args.configuration,
+        fold=args.fold,
+        limit=args.limit,
+        status=pb.RunStatus.Value(args.status) if args.status else pb.RUN_STATUS_UNSPECIFIED,
     )
     response = ctl.call("ListRuns", request)
     ctl.write(render.message_json(response) if args.json else render.runs_table(response))
@@ -92,8 +96,8 @@ def cmd_runs(ctl: Ctl, args: argparse.Namespace) -> int:
 
 
 def cmd_run(ctl: Ctl, args: argparse.Namespace) -> int:
-    """Show one run: its timeline, shadow decisions and overrides; --plot draws it."""
-    response = ctl.call("GetRun", pb.GetRunRequest(run_id=args.run_id))
+    """Show one run: its timeline, attempts, shadow decisions and overrides; --plot draws it."""
+    response = fetch_run(ctl, args.run_id)
     ctl.write(render.message_json(response) if args.json else render.run_text(response))
     if args.plot is not None:
         try:
@@ -108,6 +112,20 @@ def cmd_run(ctl: Ctl, args: argparse.Namespace) -> int:
             raise UsageError(f"cannot write {args.plot}: {error.strerror}") from None
         ctl.note(f"wrote {path}")
     return 0
+
+
+def fetch_run(ctl: Ctl, run_id: str) -> pb.GetRunResponse:
+    """A whole run: GetRun's pages, followed to the last, as one answer."""
+    whole: pb.GetRunResponse = ctl.call("GetRun", pb.GetRunRequest(run_id=run_id))
+    token = whole.next_page_token
+    while token:
+        page = ctl.call("GetRun", pb.GetRunRequest(run_id=run_id, page_token=token))
+        whole.epochs.extend(page.epochs)
+        whole.superseded.extend(page.superseded)
+        whole.run.CopyFrom(page.run)
+        token = page.next_page_token
+    whole.next_page_token = ""
+    return whole
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -130,13 +148,25 @@ def parse_weights(text: str) -> dict[str, float]:
 def cmd_override_set(ctl: Ctl, args: argparse.Namespace) -> int:
     """Set the override of one run (replacing its active one)."""
     request = pb.SetOverrideRequest(
-        run_id=args.run_id, hold_interventions=args.hold, once=args.once, reason=args.reason
+        run_id=args.run_id,
+        hold_interventions=args.hold,
+        once=args.once,
+        reason=args.reason,
+        allow_unknown_run=args.allow_unknown_run,
+        exceed_lr_cap=args.exceed_lr_cap,
     )
+    if args.stop:
+        request.action = pb.STOP
+    if args.rollback:
+        request.action = pb.ROLLBACK
     if args.lr is not None:
         request.lr = args.lr
     if args.weights is not None:
         request.loss_weights.update(parse_weights(args.weights))
-    ctl.write(render.override_line(ctl.call("SetOverride", request)))
+    override = ctl.call("SetOverride", request)
+    ctl.write(render.override_line(override))
+    if override.replaced_override_id:
+        ctl.write(f"replaced override #{override.replaced_override_id}, which was active")
     return 0
 
 

@@ -33,6 +33,7 @@ from control_server.ctl.commands import (
     cmd_runs,
     cmd_watch,
 )
+from control_server.domain import RunStatus
 
 __all__ = ["DEFAULT_TIMEOUT_S", "build_parser"]
 
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "runs", cmd_runs)
     _labels_args(p)
+    p.add_argument(
+        "--status",
+        type=str.upper,
+        choices=[s.value for s in RunStatus],
+        metavar="STATUS",
+        help="only runs with this status: " + ", ".join(s.value.lower() for s in RunStatus),
+    )
     p.add_argument("--limit", type=_positive_int, default=0, help="at most N runs (default 100)")
     p.add_argument("--json", action="store_true", help="the ListRuns response as JSON")
 
@@ -133,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="NAME=W,...", help="complete loss weights, e.g. dice=0.6")
     p.add_argument("--hold", action="store_true", help="no automatic interventions while set")
     p.add_argument("--once", action="store_true", help="apply at the next report only")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument(
+        "--stop", action="store_true", help="STOP the run at its next report (alone; once)"
+    )
+    action.add_argument(
+        "--rollback",
+        action="store_true",
+        help="ROLLBACK the run's last intervention at its next report (alone; once)",
+    )
+    p.add_argument(
+        "--allow-unknown-run",
+        action="store_true",
+        help="accept a run id the server has not seen yet (else refused: a typo?)",
+    )
+    p.add_argument(
+        "--exceed-lr-cap",
+        action="store_true",
+        help="allow --lr above the cap of the policy steering the run (say why in --reason)",
+    )
     p.add_argument("--reason", required=True, help="why (recorded, quoted in its decisions)")
     p = command(override_sub, "clear", cmd_override_clear)
     p.add_argument("run_id", metavar="RUN")

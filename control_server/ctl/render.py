@@ -105,9 +105,7 @@ def _yes(flag: bool) -> str:
 def selector_text(selector: pb.RunSelector) -> str:
     """``dataset=X,configuration=2d`` (its non-empty fields)."""
     parts = [
-        f"{name}={getattr(selector, name)}"
-        for name in SELECTOR_KEYS
-        if getattr(selector, name)
+        f"{name}={getattr(selector, name)}" for name in SELECTOR_KEYS if getattr(selector, name)
     ]
     return ",".join(parts) or "(every run)"
 
@@ -132,15 +130,20 @@ def message_json(message: Any) -> str:
 
 
 def runs_table(response: pb.ListRunsResponse) -> str:
-    """One line per run: labels, progress, LR and the last decision."""
+    """One line per run: labels, status, progress, LR, outcomes and the last decision."""
     rows = [
         [
             r.run_id,
             "/".join(v for v in (r.labels.dataset, r.labels.configuration, r.labels.fold) if v)
             or "-",
+            status_name(r.status),
+            str(r.attempt),
             str(r.last_epoch),
             str(r.intervention_count),
+            str(r.rollback_count),
             _num(r.current_lr),
+            _opt(r, "best_value"),
+            _opt(r.final_metrics, "mean_dice"),
             f"{_action(r.last_decision)} ({_source(r.last_decision)})"
             if r.HasField("last_decision")
             else "-",
@@ -148,8 +151,14 @@ def runs_table(response: pb.ListRunsResponse) -> str:
         ]
         for r in response.runs
     ]
-    headers = ("RUN", "DATASET/CONFIG/FOLD", "LAST EPOCH", "INTERVENTIONS", "LR", "LAST ACTION")
-    return table((*headers, "LAST SEEN (UTC)"), rows)
+    headers = ("RUN", "DATASET/CONFIG/FOLD", "STATUS", "ATTEMPT", "LAST EPOCH", "INTERVENTIONS")
+    more = ("ROLLBACKS", "LR", "BEST", "FINAL DICE", "LAST ACTION", "LAST SEEN (UTC)")
+    return table((*headers, *more), rows)
+
+
+def status_name(status: int) -> str:
+    name: str = pb.RunStatus.Name(status)
+    return name.lower() if status else "-"
 
 
 def _differs(real: pb.Decision, shadow: pb.Decision) -> bool:
@@ -164,15 +173,31 @@ def _differs(real: pb.Decision, shadow: pb.Decision) -> bool:
 def run_text(response: pb.GetRunResponse) -> str:
     """A run's summary, its timeline, its shadow decisions and its overrides."""
     run = response.run
-    labels = " ".join(
-        f"{k}={getattr(run.labels, k)}" for k in LABEL_KEYS if getattr(run.labels, k)
-    )
+    labels = " ".join(f"{k}={getattr(run.labels, k)}" for k in LABEL_KEYS if getattr(run.labels, k))
+    final = run.final_metrics
     parts = [
         f"run            {run.run_id}\n"
         f"labels         {labels or '-'}\n"
+        f"status         {status_name(run.status)}, attempt {run.attempt}"
+        + (f": {run.error}" if run.error else "")
+        + "\n"
         f"epochs         {run.report_count} reported, last {run.last_epoch}; "
-        f"{run.intervention_count} interventions; LR {_num(run.current_lr)}\n"
-        f"seen (UTC)     {_when(run.first_seen)} .. {_when(run.last_seen)}"
+        f"{run.intervention_count} interventions, {run.rollback_count} rollbacks; "
+        f"LR {_num(run.current_lr)}; best {_opt(run, 'best_value')}\n"
+        + (
+            f"final Dice     {_opt(final, 'mean_dice')}"
+            + "".join(f"; class {k} {_num(v)}" for k, v in sorted(final.dice_per_class.items()))
+            + (
+                f"; best EMA pseudo Dice {_num(final.best_ema_pseudo_dice)} "
+                f"at epoch {final.best_ema_epoch}"
+                if final.HasField("best_ema_pseudo_dice")
+                else ""
+            )
+            + "\n"
+            if final.HasField("mean_dice") or final.dice_per_class
+            else ""
+        )
+        + f"seen (UTC)     {_when(run.first_seen)} .. {_when(run.last_seen)}"
     ]
     timeline = [
         [
@@ -181,7 +206,7 @@ def run_text(response: pb.GetRunResponse) -> str:
             _opt(e.report, "val_loss"),
             _opt(e.report, "avg_gradient_norm"),
             _num(e.report.current_lr),
-            _action(e.decision),
+            _action(e.decision) + (" (late)" if e.decision.late else ""),
             _source(e.decision),
             _opt(e.decision, "lr"),
             _weights(e.decision.loss_weights),
@@ -191,6 +216,32 @@ def run_text(response: pb.GetRunResponse) -> str:
     ]
     headers = ("EPOCH", "TRAIN", "VAL", "GRAD", "LR", "ACTION", "SOURCE", "NEW LR", "NEW WEIGHTS")
     parts.append(table((*headers, "REASON"), timeline))
+    if len(response.attempts) > 1 or response.superseded:
+        attempts = [
+            [
+                str(a.attempt),
+                _when(a.started_at),
+                "scratch (history reset)"
+                if a.history_reset
+                else (
+                    f"resume after {a.resume_from_epoch}"
+                    if a.HasField("resume_from_epoch")
+                    else "new"
+                ),
+                str(a.superseded_epochs),
+                status_name(a.status),
+                a.policy_version or "-",
+                a.error or "",
+            ]
+            for a in response.attempts
+        ]
+        parts.append(
+            f"attempts ({len(response.superseded)} superseded epochs kept)\n"
+            + table(
+                ("ATTEMPT", "STARTED (UTC)", "START", "SUPERSEDED", "STATUS", "POLICY", "ERROR"),
+                attempts,
+            )
+        )
     shadowed = [e for e in response.epochs if e.HasField("shadow")]
     if shadowed:
         versions = ", ".join(sorted({e.shadow.policy_version for e in shadowed}))
@@ -228,6 +279,8 @@ def overrides_table(overrides: Iterable[pb.Override]) -> str:
             _weights(o.loss_weights),
             _yes(o.hold_interventions),
             _yes(o.once),
+            pb.Action.Name(o.action) if o.action else "-",
+            _yes(o.exceed_lr_cap),
             o.actor or "-",
             _when(o.created_at),
             f"{_when(o.cleared_at)} ({o.cleared_by or '?'})" if o.HasField("cleared_at") else "-",
@@ -235,17 +288,20 @@ def overrides_table(overrides: Iterable[pb.Override]) -> str:
         ]
         for o in overrides
     ]
-    headers = ("ID", "RUN", "LR", "WEIGHTS", "HOLD", "ONCE", "BY", "SET (UTC)", "CLEARED")
-    return table((*headers, "REASON"), rows)
+    headers = ("ID", "RUN", "LR", "WEIGHTS", "HOLD", "ONCE", "ACTION", "LR>CAP", "BY")
+    return table((*headers, "SET (UTC)", "CLEARED", "REASON"), rows)
 
 
 def override_line(o: pb.Override) -> str:
     """What an override does, in one line."""
+    restoring = "restoring " if o.action == pb.ROLLBACK else ""
     what = [
-        f"lr={_num(o.lr)}" if o.HasField("lr") else "",
+        f"{pb.Action.Name(o.action)} at the next report" if o.action else "",
+        f"{restoring}lr={_num(o.lr)}" if o.HasField("lr") else "",
+        "above the policy's LR cap" if o.exceed_lr_cap else "",
         f"weights={weights_text(o.loss_weights)}" if o.loss_weights else "",
         "hold interventions" if o.hold_interventions else "",
-        "once" if o.once else "until cleared",
+        "" if o.action else "once" if o.once else "until cleared",
     ]
     return (
         f"override #{o.override_id} on {o.run_id}: {', '.join(w for w in what if w)} "

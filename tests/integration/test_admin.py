@@ -56,7 +56,7 @@ class Trainer:
         )
 
     def apply(self, decision: pb.Decision) -> pb.Decision:
-        if decision.action == pb.INTERVENE:
+        if decision.action in (pb.INTERVENE, pb.ROLLBACK):
             if decision.HasField("lr"):
                 self.lr = decision.lr
             if decision.loss_weights:
@@ -80,6 +80,12 @@ def put_eager(stubs: Stubs) -> str:
     return str(put.policy.version)
 
 
+def admin_events(server: ServerThread, action: str) -> list[dict[str, Any]]:
+    """The server's audit records of `action` calls, refusals written out first."""
+    server.call(server.running.audit.flush())
+    return [e for e in server.running.store.admin_events() if e["action"] == action]
+
+
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         call()
@@ -93,7 +99,9 @@ def test_a_once_override_reaches_the_next_report_exactly_once(stubs: Stubs) -> N
     run = Trainer("run-once")
     run.run(stubs, range(2))
     override = stubs.admin.SetOverride(
-        pb.SetOverrideRequest(run_id="run-once", lr=0.02, once=True, reason="warm restart")
+        pb.SetOverrideRequest(
+            run_id="run-once", lr=0.02, once=True, exceed_lr_cap=True, reason="warm restart"
+        )
     )
     assert override.override_id > 0
     assert override.actor == "anonymous" and override.reason == "warm restart"
@@ -121,7 +129,9 @@ def test_a_once_override_reaches_the_next_report_exactly_once(stubs: Stubs) -> N
 
 def test_a_once_override_applies_once_under_concurrent_retries(stubs: Stubs) -> None:
     run = Trainer("run-race")
-    stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-race", lr=0.03, once=True))
+    stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-race", lr=0.03, once=True, allow_unknown_run=True)
+    )
 
     def report(epoch: int) -> pb.Decision:
         return stubs.control.ReportEpoch(run.report(epoch))
@@ -138,7 +148,9 @@ def test_a_once_override_applies_once_under_concurrent_retries(stubs: Stubs) -> 
 
 
 def test_a_once_override_applies_exactly_once_under_concurrent_reports(stubs: Stubs) -> None:
-    once = stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-race", lr=0.02, once=True))
+    once = stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-race", lr=0.02, once=True, allow_unknown_run=True)
+    )
     run = Trainer("run-race")
     # Every epoch sent at once, each twice (a retry racing its original): the
     # context is read, decided on and written in one transaction, so exactly one
@@ -157,7 +169,10 @@ def test_a_held_override_applies_until_cleared(stubs: Stubs) -> None:
     run = Trainer("run-held")
     override = stubs.admin.SetOverride(
         pb.SetOverrideRequest(
-            run_id="run-held", loss_weights={"dice": 0.5, "focal": 0.5}, reason="try focal"
+            run_id="run-held",
+            loss_weights={"dice": 0.5, "focal": 0.5},
+            reason="try focal",
+            allow_unknown_run=True,
         )
     )
     held = run.run(stubs, range(3))
@@ -180,7 +195,9 @@ def test_hold_interventions_suppresses_automatic_ones_without_using_the_budget(
 ) -> None:
     run = Trainer("run-hold")
     stubs.admin.SetOverride(
-        pb.SetOverrideRequest(run_id="run-hold", hold_interventions=True, reason="ablation")
+        pb.SetOverrideRequest(
+            run_id="run-hold", hold_interventions=True, reason="ablation", allow_unknown_run=True
+        )
     )
     held = run.run(stubs, range(8))
     # The default policy would intervene at epoch 5 on this flat loss.
@@ -208,7 +225,9 @@ def test_overrides_do_not_consume_the_budget(stubs: Stubs) -> None:
 def test_every_override_is_recorded_with_who_and_why(stubs: Stubs) -> None:
     run = Trainer("run-audit")
     first = stubs.admin.SetOverride(
-        pb.SetOverrideRequest(run_id="run-audit", lr=0.005, reason="first try")
+        pb.SetOverrideRequest(
+            run_id="run-audit", lr=0.005, reason="first try", allow_unknown_run=True
+        )
     )
     [under_first] = run.run(stubs, [0])
     second = stubs.admin.SetOverride(
@@ -234,10 +253,166 @@ def test_every_override_is_recorded_with_who_and_why(stubs: Stubs) -> None:
     assert [o.override_id for o in everyone.overrides] == [first.override_id, second.override_id]
 
 
-def test_an_override_may_wait_for_a_run_that_has_not_reported_yet(stubs: Stubs) -> None:
-    stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-later", lr=0.002))
+def test_an_override_on_a_run_never_seen_is_refused_unless_allowed(
+    server: ServerThread, stubs: Stubs
+) -> None:
+    """A run id the server has never seen is most likely a typo: refused, naming the run
+    and the way to set it anyway; allowed, it waits for the run's first report."""
+    typo = rpc_error(
+        lambda: stubs.admin.SetOverride(
+            pb.SetOverrideRequest(run_id="run-latr", lr=0.002, reason="lower it")
+        )
+    )
+    assert typo.code() == grpc.StatusCode.NOT_FOUND
+    assert "'run-latr'" in (typo.details() or "")
+    assert "allow_unknown_run" in (typo.details() or "")
+    assert stubs.admin.ListOverrides(pb.ListOverridesRequest(include_cleared=True)).overrides == []
+
+    early = stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-later", lr=0.002, allow_unknown_run=True)
+    )
     [decision] = Trainer("run-later").run(stubs, [0])
-    assert decision.source == pb.OVERRIDE
+    assert (decision.source, decision.override_id) == (pb.OVERRIDE, early.override_id)
+    # The audit records both calls, the refusal with its reason.
+    events = admin_events(server, "SetOverride")
+    assert [(e["target"], e["result"]) for e in events] == [
+        ("run-latr", "NOT_FOUND"),
+        ("run-later", "OK"),
+    ]
+    assert "never reported" in events[0]["details"]["message"]
+    assert events[1]["details"]["request"]["allow_unknown_run"] is True
+
+
+def test_an_override_that_replaces_an_active_one_names_it(stubs: Stubs) -> None:
+    Trainer("run-swap").run(stubs, [0])
+    first = stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-swap", hold_interventions=True, reason="ablation")
+    )
+    assert first.replaced_override_id == 0
+    second = stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-swap", lr=0.005, reason="lower")
+    )
+    assert second.replaced_override_id == first.override_id
+    old, new = stubs.admin.ListOverrides(
+        pb.ListOverridesRequest(run_id="run-swap", include_cleared=True)
+    ).overrides
+    assert old.cleared_by == f"replaced by override {second.override_id}"
+    assert new.replaced_override_id == first.override_id  # also as read back
+    stubs.admin.ClearOverride(pb.ClearOverrideRequest(run_id="run-swap"))
+    third = stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-swap", lr=0.004))
+    assert third.replaced_override_id == 0  # nothing was active
+
+
+CAPPED = {"name": "capped", "interventions": {"max_lr": 0.1}}
+
+
+def test_an_override_lr_above_the_policy_cap_needs_exceed_lr_cap_and_a_reason(
+    server: ServerThread, stubs: Stubs
+) -> None:
+    run = Trainer("run-cap")  # initial_lr 0.01; the default policy caps at it
+    run.run(stubs, [0])
+    huge = rpc_error(
+        lambda: stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-cap", lr=1e308))
+    )
+    assert huge.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = huge.details() or ""
+    assert details.startswith("lr: must be at most 0.01, the run's initial_lr")
+    assert "but got 1e+308" in details and "exceed_lr_cap" in details
+    unexplained = rpc_error(
+        lambda: stubs.admin.SetOverride(
+            pb.SetOverrideRequest(run_id="run-cap", lr=0.05, exceed_lr_cap=True)
+        )
+    )
+    assert unexplained.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (unexplained.details() or "").startswith("reason: must say why")
+    assert stubs.admin.ListOverrides(pb.ListOverridesRequest(include_cleared=True)).overrides == []
+
+    raised = stubs.admin.SetOverride(
+        pb.SetOverrideRequest(
+            run_id="run-cap", lr=0.05, once=True, exceed_lr_cap=True, reason="warm restart"
+        )
+    )
+    assert raised.exceed_lr_cap and raised.reason == "warm restart"
+    [applied] = run.run(stubs, [1])
+    assert (applied.source, applied.lr) == (pb.OVERRIDE, pytest.approx(0.05))
+    [event] = [e for e in admin_events(server, "SetOverride") if e["result"] == "OK"]
+    assert event["details"]["request"]["exceed_lr_cap"] is True
+
+    # A pinned policy's max_lr is the cap of the runs it steers.
+    capped = stubs.admin.PutPolicy(pb.PutPolicyRequest(document=struct(CAPPED))).policy.version
+    stubs.admin.PinPolicy(
+        pb.PinPolicyRequest(version=capped, selector=pb.RunSelector(dataset="Dataset042_Disc"))
+    )
+    within = stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-cap", lr=0.08))
+    assert within.lr == pytest.approx(0.08)
+    above = rpc_error(
+        lambda: stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-cap", lr=0.2))
+    )
+    assert above.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the interventions.max_lr of policy capped@{capped}" in (above.details() or "")
+
+
+def test_an_operator_stop_stops_the_run_at_its_next_report_once(
+    server: ServerThread, stubs: Stubs
+) -> None:
+    run = Trainer("run-stop")
+    run.run(stubs, range(2))
+    stop = stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-stop", action=pb.STOP, reason="the labels are wrong.")
+    )
+    assert (stop.action, stop.once) == (pb.STOP, True)
+    [stopped] = run.run(stubs, [2])
+    assert (stopped.action, stopped.source) == (pb.STOP, pb.OVERRIDE)
+    assert stopped.override_id == stop.override_id
+    assert stopped.reason == "Override by anonymous (the labels are wrong): stopping the run."
+    assert stubs.control.ReportEpoch(run.report(2)) == stopped  # a retry: the same answer
+    [after] = run.run(stubs, [3])
+    assert (after.action, after.source) == (pb.NONE, pb.POLICY)  # consumed
+    [consumed] = stubs.admin.ListOverrides(
+        pb.ListOverridesRequest(run_id="run-stop", include_cleared=True)
+    ).overrides
+    assert consumed.cleared_by == "consumed by epoch 2"
+    [event] = admin_events(server, "SetOverride")
+    assert event["details"]["request"]["action"] == "STOP"
+
+
+def test_an_operator_rollback_undoes_the_last_intervention_at_the_next_report(
+    stubs: Stubs,
+) -> None:
+    run = Trainer("run-rb")
+    run.run(stubs, range(5))
+    nothing = rpc_error(
+        lambda: stubs.admin.SetOverride(
+            pb.SetOverrideRequest(run_id="run-rb", action=pb.ROLLBACK, reason="undo")
+        )
+    )
+    assert nothing.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'run-rb' has no intervention to roll back" in (nothing.details() or "")
+
+    [intervened] = run.run(stubs, [5])  # the default policy's first, on this flat loss
+    assert (intervened.action, intervened.source) == (pb.INTERVENE, pb.POLICY)
+    assert run.lr != pytest.approx(0.001)
+    rollback = stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-rb", action=pb.ROLLBACK, reason="it got worse")
+    )
+    assert (rollback.action, rollback.once) == (pb.ROLLBACK, True)
+    assert rollback.lr == pytest.approx(0.001)  # what it restores: the LR of epoch 5
+    [rolled] = run.run(stubs, [6])
+    assert (rolled.action, rolled.source) == (pb.ROLLBACK, pb.OVERRIDE)
+    assert rolled.lr == pytest.approx(0.001)
+    assert dict(rolled.loss_weights) == {"dice": 1.0, "ce": 1.0}
+    assert rolled.reason == (
+        "Override by anonymous (it got worse): rolling back the intervention of epoch 5 "
+        "to LR 0.001 and weights ce 1, dice 1."
+    )
+    assert run.lr == pytest.approx(0.001)
+    again = rpc_error(
+        lambda: stubs.admin.SetOverride(
+            pb.SetOverrideRequest(run_id="run-rb", action=pb.ROLLBACK, reason="undo")
+        )
+    )
+    assert again.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already rolled back at epoch 6" in (again.details() or "")
 
 
 @pytest.mark.parametrize(
@@ -253,6 +428,13 @@ def test_an_override_may_wait_for_a_run_that_has_not_reported_yet(stubs: Stubs) 
         ({"loss_weights": {"dice": 0.0, "ce": 0.0}}, "loss_weights"),
         ({"once": True, "reason": "nothing to do"}, "lr, loss_weights and hold_interventions"),
         ({"lr": 0.01, "reason": "x" * 5000}, "reason"),
+        ({"lr": 0.01, "exceed_lr_cap": True}, "reason"),
+        ({"hold_interventions": True, "exceed_lr_cap": True, "reason": "x"}, "exceed_lr_cap"),
+        ({"action": pb.INTERVENE}, "action: must be STOP or ROLLBACK, but got INTERVENE"),
+        ({"action": 42}, "action"),
+        ({"action": pb.STOP, "lr": 0.01}, "lr: must not be set with action STOP"),
+        ({"action": pb.ROLLBACK, "loss_weights": {"dice": 1.0}}, "loss_weights"),
+        ({"action": pb.STOP, "hold_interventions": True}, "hold_interventions"),
     ],
 )
 def test_a_bad_override_is_refused_naming_the_field(
@@ -478,7 +660,9 @@ def test_the_shadow_is_skipped_where_it_is_the_real_version(stubs: Stubs) -> Non
 
 def test_list_decisions_filters(stubs: Stubs) -> None:
     plain = Trainer("run-plain").run(stubs, range(7))
-    stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-manual", lr=0.002, once=True))
+    stubs.admin.SetOverride(
+        pb.SetOverrideRequest(run_id="run-manual", lr=0.002, once=True, allow_unknown_run=True)
+    )
     manual = Trainer("run-manual").run(stubs, range(2))
 
     def ids(**fields: Any) -> list[str]:
@@ -636,6 +820,38 @@ def test_decisions_made_under_overrides_replay_identically(
     assert "1 runs, 24 decisions, 0 differ" in result.stdout
 
 
+def test_operator_stops_and_rollbacks_replay_identically(
+    make_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    server = make_server()
+    with grpc.insecure_channel(server.target) as channel:
+        stubs = Stubs(
+            channel, pb_grpc.TrainingControlStub(channel), pb_grpc.ControlAdminStub(channel)
+        )
+        run = Trainer("run-operated")
+        run.run(stubs, range(6))  # the policy intervenes at epoch 5
+        stubs.admin.SetOverride(
+            pb.SetOverrideRequest(run_id="run-operated", action=pb.ROLLBACK, reason="worse")
+        )
+        run.run(stubs, range(6, 9))
+        stubs.admin.SetOverride(
+            pb.SetOverrideRequest(run_id="run-operated", action=pb.STOP, reason="enough")
+        )
+        decisions = run.run(stubs, range(9, 11))
+        detail = stubs.admin.GetRun(pb.GetRunRequest(run_id="run-operated"))
+    server.stop()
+    operated = [
+        (e.decision.epoch, e.decision.action) for e in detail.epochs if e.decision.override_id
+    ]
+    assert operated == [(6, pb.ROLLBACK), (9, pb.STOP)]
+    assert decisions[0].action == pb.STOP
+
+    store = f"sqlite:///{tmp_path}/control.db"
+    result = cli("replay", "--store", store, "--run", "run-operated", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 runs, 11 decisions, 0 differ" in result.stdout
+
+
 def test_reports_that_arrived_out_of_order_replay_as_they_were_decided(
     make_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
@@ -669,7 +885,7 @@ def test_the_server_stays_live_while_an_admin_write_waits_for_the_store(
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(
                 stubs.admin.SetOverride,
-                pb.SetOverrideRequest(run_id="run-busy", lr=0.02, reason="waits for the lock"),
+                pb.SetOverrideRequest(run_id="run-busy", lr=0.002, reason="waits for the lock"),
                 timeout=30,
             )
             time.sleep(0.5)  # it reaches the store and waits there (busy timeout: 5 s)
@@ -681,7 +897,7 @@ def test_the_server_stays_live_while_an_admin_write_waits_for_the_store(
             stored = waiting.result(timeout=30)
     finally:
         holder.close()
-    assert stored.run_id == "run-busy" and stored.lr == 0.02
+    assert stored.run_id == "run-busy" and stored.lr == 0.002
     overrides = stubs.admin.ListOverrides(pb.ListOverridesRequest(run_id="run-busy"))
     assert [o.override_id for o in overrides.overrides] == [stored.override_id]
 

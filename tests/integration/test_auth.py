@@ -255,7 +255,9 @@ def test_the_token_name_is_the_actor_the_service_records(
     admin = pb_grpc.ControlAdminStub(channel)
     operator = bearer(tokens.by_role["operator"])
     override = admin.SetOverride(
-        pb.SetOverrideRequest(run_id="run-o", lr=0.001, reason="manual test"),
+        pb.SetOverrideRequest(
+            run_id="run-o", lr=0.001, reason="manual test", allow_unknown_run=True
+        ),
         metadata=operator,
         timeout=10,
     )

@@ -186,6 +186,52 @@ def test_overrides_set_list_clear(server: ServerThread, admin: Any, run_ctl: Ctl
     assert again.code == 0 and again.out.strip() == "run-a had no active override"
 
 
+def test_override_stop_rollback_unknown_runs_and_the_lr_cap(
+    server: ServerThread, admin: Any, run_ctl: Ctl
+) -> None:
+    def override(*args: str) -> Result:
+        return run_ctl(server.target, "override", "set", *args)
+
+    typo = override("run-z", "--lr", "0.002", "--reason", "lower")
+    assert typo.code == 2 and typo.err.startswith("controlctl: NOT_FOUND: run 'run-z' ")
+    assert "--allow-unknown-run" in typo.err
+    early = override("run-z", "--lr", "0.002", "--allow-unknown-run", "--reason", "lower")
+    assert early.out.startswith("override #1 on run-z: lr=0.002, until cleared")
+
+    flat_run(admin, "run-a", range(1))  # initial_lr 0.01: the default policy's cap
+    capped = override("run-a", "--lr", "0.05", "--reason", "warm restart")
+    assert capped.code == 2
+    assert capped.err.startswith("controlctl: INVALID_ARGUMENT: lr: must be at most 0.01")
+    raised = override("run-a", "--lr", "0.05", "--exceed-lr-cap", "--reason", "warm restart")
+    assert raised.out.startswith("override #2 on run-a: lr=0.05, above the policy's LR cap")
+
+    stop = override("run-a", "--stop", "--reason", "bad labels")
+    assert stop.code == 0
+    assert stop.out.splitlines() == [
+        "override #3 on run-a: STOP at the next report (by anonymous): bad labels",
+        "replaced override #2, which was active",
+    ]
+    table = run_ctl(server.target, "overrides", "--run", "run-a").out.splitlines()
+    assert table[0].split()[6:8] == ["ACTION", "LR>CAP"]
+    assert table[1].split()[:8] == ["3", "run-a", "-", "-", "no", "yes", "STOP", "no"]
+
+    both = override("run-a", "--stop", "--rollback", "--reason", "x")
+    assert both.code == 2 and "not allowed with argument" in both.err
+    mixed = override("run-a", "--stop", "--lr", "0.001", "--reason", "x")
+    assert mixed.code == 2
+    assert mixed.err.startswith("controlctl: INVALID_ARGUMENT: lr: must not be set with action")
+    nothing = override("run-a", "--rollback", "--reason", "undo")
+    assert nothing.code == 2 and nothing.err.startswith("controlctl: FAILED_PRECONDITION: ")
+    assert "no intervention to roll back" in nothing.err
+
+    flat_run(admin, "run-b", range(6))  # the default policy intervenes at epoch 5
+    rollback = override("run-b", "--rollback", "--reason", "undo")
+    assert rollback.out.startswith(
+        "override #4 on run-b: ROLLBACK at the next report, restoring lr=0.001, "
+        "weights=ce=1,dice=1 (by anonymous): undo"
+    )
+
+
 def test_override_errors_name_the_culprit(server: ServerThread, run_ctl: Ctl) -> None:
     bad = run_ctl(server.target, "override", "set", "r", "--weights", "dice:1", "--reason", "x")
     assert bad.code == 2
@@ -403,6 +449,7 @@ def test_tokens_from_the_environment_or_a_file(
         "set",
         "r",
         "--hold",
+        "--allow-unknown-run",
         "--reason",
         "x",
         env=env,

@@ -198,6 +198,9 @@ def test_every_readme_grpcurl_command_works(server: ServerThread) -> None:
     ]
     assert "cleared_at" in listed_overrides[0] and "cleared_at" not in listed_overrides[1]
     assert single("ControlAdmin/ClearOverride") == {"cleared": True}
+    stop = single("ControlAdmin/SetOverride", 2)
+    assert (stop["action"], stop["once"]) == ("STOP", True) and "replaced_override_id" not in stop
+    assert single("ControlAdmin/ClearOverride", 1) == {"cleared": True}
 
     # Rollout: two new versions, one activated, one pinned and unpinned, then shadowed.
     eager, cautious = (single("ControlAdmin/PutPolicy", i) for i in range(2))

@@ -207,7 +207,9 @@ def test_overrides_and_policy_changes_made_through_one_replica_apply_on_all(
 
     # A once override set through A applies at the run's next report on B, once.
     override = a.admin.SetOverride(
-        pb.SetOverrideRequest(run_id="run-ops", lr=0.02, once=True, reason="warm restart")
+        pb.SetOverrideRequest(
+            run_id="run-ops", lr=0.02, once=True, exceed_lr_cap=True, reason="warm restart"
+        )
     )
     applied = run.apply(b.control.ReportEpoch(run.report(2)))
     assert (applied.source, applied.override_id) == (pb.OVERRIDE, override.override_id)

@@ -447,12 +447,29 @@ def test_set_override_stores_every_field_and_gives_an_id(store: Store) -> None:
     assert store.load_context("run-a", 0).override == stored
 
 
+def test_an_operator_rollback_keeps_what_it_restores_and_its_epoch(store: Store) -> None:
+    wanted = make_override(
+        action=Action.ROLLBACK,
+        once=True,
+        lr=0.004,
+        loss_weights=frozen_map({"dice": 1.0, "ce": 1.0}),
+        rollback_epoch=12,
+    )
+    stored = store.set_override(wanted)
+    assert stored == replace(wanted, override_id=stored.override_id)
+    assert store.load_context("run-a", 13).override == stored
+    capped = store.set_override(make_override(at=1, lr=0.5, exceed_lr_cap=True))
+    assert (capped.exceed_lr_cap, capped.action) == (True, None)
+
+
 def test_a_new_override_replaces_the_active_one(store: Store) -> None:
     first = store.set_override(make_override(at=0))
     second = store.set_override(make_override(at=1, lr=0.03, actor="bob"))
     other_run = store.set_override(make_override("run-b", at=2))
     assert first.override_id is not None and second.override_id is not None
     assert second.override_id > first.override_id
+    assert (first.replaced_override_id, second.replaced_override_id) == (None, first.override_id)
+    assert other_run.replaced_override_id is None
 
     assert store.load_context("run-a", 0).override == second
     assert store.list_overrides("run-a") == [second]
