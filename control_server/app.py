@@ -82,6 +82,8 @@ class ServerConfig:
                     f"{name} (--{name.replace('_', '-')}) must be at least 1, "
                     f"but got {getattr(self, name)}."
                 )
+        if not self.stale_factor > 0:
+            raise ValueError(f"stale_factor must be > 0, but got {self.stale_factor}.")
         if not self.audit_retention_days >= 0:
             raise ValueError(
                 "audit_retention_days (--audit-retention-days) must be 0 (keep every event) "

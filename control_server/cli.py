@@ -8,25 +8,32 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from control_server import logs
 from control_server.app import ServerConfig, start_server
 from control_server.auth import Role
+from control_server.certificate import read_validity
 from control_server.domain import Decision, DomainError
+from control_server.listen import ListenError
 from control_server.policy.document import PolicyDoc
 from control_server.policy_files import load_policy_file
 from control_server.replay import replay_store
 from control_server.report_epoch import PolicyCache
+from control_server.runs import DEFAULT_STALE_FACTOR
 from control_server.store import open_store
 from control_server.store.factory import redact_url
 from control_server.tokens import create_token, load_tokens, revoke_token
+from control_server.usage import misplaced_option
 from control_server.watch import MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_TOKEN
 from trainer_client.client import is_loopback
 
 logger = logging.getLogger("control_server")
 
 DEFAULT_STORE = "sqlite:///control.db"
+#: The flag of each listen address of `ServerConfig`, for the errors that name them.
+_LISTEN_FLAGS = {"listen": "--listen", "metrics_listen": "--metrics-listen"}
 
 
 async def _serve(config: ServerConfig) -> None:
@@ -63,6 +70,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "pass --tls-cert/--tls-key",
             args.listen,
         )
+    if args.metrics_listen and not is_loopback(args.metrics_listen):
+        logger.warning(
+            "serving metrics on %s beyond loopback: /metrics has neither authentication nor "
+            "TLS, anyone who reaches the port reads it; keep it on a private network",
+            args.metrics_listen,
+        )
+    if args.tls_cert is not None:
+        _check_certificate_dates(args.tls_cert, allow=args.allow_invalid_cert_dates)
     if args.policy is not None:
         load_policy_file(args.policy)  # a bad file fails here, before a store is made
     config = ServerConfig(
@@ -78,9 +93,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_watch_streams=args.max_watch_streams,
         max_watch_streams_per_token=args.max_watch_streams_per_token,
         audit_retention_days=args.audit_retention_days,
+        stale_factor=args.stale_factor,
     )
-    asyncio.run(_serve(config))
+    try:
+        asyncio.run(_serve(config))
+    except ListenError as error:
+        flag = _LISTEN_FLAGS[error.setting]
+        port = error.address.rpartition(":")[2]
+        why = f"port {port} is already in use" if error.in_use else error.reason
+        print(
+            f"control-server serve: {flag} {error.address}: {why}; "
+            f"pass another {flag} HOST:PORT (port 0 picks a free one)",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+def _check_certificate_dates(path: Path, *, allow: bool) -> None:
+    """Refuse a certificate that is expired or not yet valid (clients would refuse
+    every handshake), or only warn when `allow` (--allow-invalid-cert-dates)."""
+    try:
+        validity = read_validity(path)
+    except OSError as error:
+        raise OSError(f"cannot read the TLS certificate {path}: {error.strerror}") from None
+    problem = validity.problem(datetime.now(UTC))
+    if problem is None:
+        return
+    text = f"the TLS certificate {path} {problem} ({validity.describe()})"
+    if not allow:
+        raise ValueError(f"{text}; renew it, or pass --allow-invalid-cert-dates to serve it")
+    logger.warning("%s; serving it anyway (--allow-invalid-cert-dates)", text)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -183,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     serve.add_argument(
+        "--allow-invalid-cert-dates",
+        action="store_true",
+        help="serve a --tls-cert that is expired or not yet valid (refused by default)",
+    )
+    serve.add_argument(
         "--tls-client-ca",
         type=Path,
         help="PEM CA bundle: require client certificates signed by it",
@@ -213,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="DAYS",
         help="delete admin events older than this, hourly (default 0: keep them all)",
+    )
+    serve.add_argument(
+        "--stale-factor",
+        type=float,
+        default=DEFAULT_STALE_FACTOR,
+        metavar="X",
+        help="a run not finished is STALE after X of its own median epoch times without "
+        f"a report, and never sooner than a minute (default {DEFAULT_STALE_FACTOR:g})",
     )
     serve.add_argument(
         "--insecure",
@@ -252,7 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    misplaced = misplaced_option(parser, sys.argv[1:] if argv is None else argv)
+    if misplaced is not None:
+        print(f"{parser.prog}: {misplaced}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:
         return int(args.func(args))

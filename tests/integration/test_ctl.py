@@ -132,6 +132,47 @@ def test_runs_and_run_show_the_timeline(
     ]
 
 
+def test_runs_show_status_attempts_and_final_dice_and_run_follows_pages(
+    server: ServerThread, admin: Any, run_ctl: Ctl
+) -> None:
+    control = pb_grpc.TrainingControlStub(admin)
+    start = pb.StartRunRequest(run_id="run-long", labels=LABELS, initial_lr=0.01)
+    control.StartRun(start)
+    flat_run(admin, "run-long", range(1003))  # more epochs than GetRun's default page
+    start.resume_from_epoch = 1001  # a resume: attempt 2 supersedes epoch 1002
+    control.StartRun(start)
+    flat_run(admin, "run-long", range(1002, 1003))
+    flat_run(admin, "run-done", range(3))
+    control.FinishRun(
+        pb.FinishRunRequest(
+            run_id="run-done", status=pb.COMPLETED, metrics=pb.FinalMetrics(mean_dice=0.8123)
+        )
+    )
+
+    listed = run_ctl(server.target, "runs")
+    header, *rows = listed.out.splitlines()
+    for column in ("STATUS", "ATTEMPT", "ROLLBACKS", "BEST", "FINAL DICE"):
+        assert column in header
+    done = next(r for r in rows if r.startswith("run-done"))
+    assert " completed " in done and "0.8123" in done
+    long = next(r for r in rows if r.startswith("run-long"))
+    assert " active " in long and " 2 " in long
+    completed = run_ctl(server.target, "runs", "--status", "completed")
+    assert [r.split()[0] for r in completed.out.splitlines()[1:]] == ["run-done"]
+    bad = run_ctl(server.target, "runs", "--status", "sleeping")
+    assert bad.code == 2 and "--status" in bad.err
+
+    shown = run_ctl(server.target, "run", "run-long")
+    assert shown.code == 0
+    assert "status         active, attempt 2" in shown.out
+    assert "attempts (1 superseded epochs kept)" in shown.out
+    assert "resume after 1001" in shown.out
+    got = json.loads(run_ctl(server.target, "run", "run-long", "--json").out)
+    assert [int(e["report"].get("epoch", 0)) for e in got["epochs"]] == list(range(1003))
+    assert [e["decision"].get("attempt") for e in got["epochs"][-2:]] == [1, 2]
+    assert len(got["superseded"]) == 1 and "next_page_token" not in got
+
+
 def test_run_plot_is_a_png_with_the_decisions(
     make_server: Callable[..., ServerThread], eager_file: Path, run_ctl: Ctl, tmp_path: Path
 ) -> None:
