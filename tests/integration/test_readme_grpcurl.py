@@ -176,8 +176,12 @@ def test_every_readme_grpcurl_command_works(server: ServerThread) -> None:
 
     first, overridden, watched = (single("TrainingControl/ReportEpoch", i) for i in range(3))
     assert (first["action"], first["source"]) == ("NONE", "POLICY")
-    assert [r["run_id"] for r in single("ControlAdmin/ListRuns")["runs"]] == ["grpcurl-run"]
-    run = single("ControlAdmin/GetRun")
+    started = single("TrainingControl/StartRun")
+    assert started["attempt"] == 1 and "a new run" in started["message"]
+    assert first["attempt"] == 1
+    listed_runs = outputs("ControlAdmin/ListRuns")
+    assert [r["run_id"] for r in listed_runs[0][0]["runs"]] == ["grpcurl-run"]
+    run = outputs("ControlAdmin/GetRun")[0][0]
     assert run["epochs"][0]["decision"]["decision_id"] == first["decision_id"]
     assert [d["decision_id"] for d in single("ControlAdmin/ListDecisions")["decisions"]] == [
         first["decision_id"]
@@ -227,6 +231,14 @@ def test_every_readme_grpcurl_command_works(server: ServerThread) -> None:
     assert watched["policy_version"] == eager_v
     summary = single("ControlAdmin/GetShadowSummary")
     assert summary["version"] == cautious_v and int(summary["evaluated"]) == 1
+
+    # The end of the run: its status and final Dice, and GetRun's pages.
+    assert single("TrainingControl/FinishRun") == {"status": "COMPLETED"}
+    (completed,) = listed_runs[1][0]["runs"]
+    assert completed["status"] == "COMPLETED"
+    assert completed["final_metrics"]["mean_dice"] == 0.87
+    page = outputs("ControlAdmin/GetRun")[1][0]
+    assert len(page["epochs"]) == 2 and page["next_page_token"] == "grpcurl-run@2"
 
 
 def test_the_authenticated_lines_run_against_an_auth_server(
