@@ -48,17 +48,21 @@ def _write_cert(cert: x509.Certificate, path: Path) -> Path:
 
 
 def _builder(
-    subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+    subject: str,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    valid: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
+    not_before, not_after = valid or (now - dt.timedelta(minutes=5), now + dt.timedelta(days=1))
     return (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
     )
 
 
@@ -92,10 +96,11 @@ def _leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     usage: x509.ObjectIdentifier,
     sans: list[x509.GeneralName],
+    valid: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
-        _builder(common_name, ca.subject, key)
+        _builder(common_name, ca.subject, key, valid)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
@@ -104,8 +109,11 @@ def _leaf(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def make_certs(directory: Path) -> Certs:
-    """Write a fresh CA, server and client certificate (and a stranger CA) into `directory`."""
+def make_certs(
+    directory: Path, *, server_valid: tuple[dt.datetime, dt.datetime] | None = None
+) -> Certs:
+    """Write a fresh CA, server and client certificate (and a stranger CA) into `directory`;
+    the server's is valid from 5 minutes ago for a day, or for `server_valid`."""
     ca, ca_key = _ca("training-control test CA")
     other, _ = _ca("some other CA")
     server, server_key = _leaf(
@@ -114,6 +122,7 @@ def make_certs(directory: Path) -> Certs:
         ca_key,
         ExtendedKeyUsageOID.SERVER_AUTH,
         [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
+        server_valid,
     )
     client, client_key = _leaf("gpu-node-7", ca, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH, [])
     return Certs(

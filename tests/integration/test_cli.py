@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -121,6 +123,71 @@ def test_serve_refuses_a_policy_file_put_policy_would_refuse(
     assert line.startswith("control-server serve: policy: ") and says in line
     assert str(hostile) in line
     assert not (tmp_path / "c.db").exists()
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port some other program listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-listen"])
+def test_serve_on_a_port_in_use_names_the_port_and_the_flag(
+    tmp_path: Path, busy_port: int, flag: str
+) -> None:
+    address = f"127.0.0.1:{busy_port}"
+    listen = ["--listen", address] if flag == "--listen" else ["--metrics-listen", address]
+    result = cli("serve", "--store", f"sqlite:///{tmp_path}/c.db", *listen, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"control-server serve: {flag} {address}: port {busy_port} is already in use; "
+        f"pass another {flag} HOST:PORT (port 0 picks a free one)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["serve", "--log-level", "DEBUG"],
+            "--log-level is an option of `control-server`: give it before `serve`",
+        ),
+        (
+            ["--listen", "127.0.0.1:0", "serve"],
+            "--listen is an option of `control-server serve`: give it after the command",
+        ),
+        (
+            ["--auth-file", "t.json", "token", "list"],
+            "--auth-file is an option of `control-server token list`: give it after the command",
+        ),
+    ],
+)
+def test_a_flag_on_the_wrong_side_of_the_command_says_where_it_belongs(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"control-server: {says}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_warns_when_metrics_are_served_beyond_loopback(tmp_path: Path) -> None:
+    server = ServerProcess(
+        "--store", f"sqlite:///{tmp_path}/c.db", "--metrics-listen", "0.0.0.0:0", cwd=tmp_path
+    )
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            pb_grpc.ControlAdminStub(channel).ListPolicies(pb.ListPoliciesRequest(), timeout=10)
+    finally:
+        code, output = server.terminate()
+    assert code == 0, output
+    (warning,) = [line for line in output.splitlines() if "WARNING" in line]
+    assert "serving metrics on 0.0.0.0:0 beyond loopback" in warning
 
 
 def test_replay_reproduces_the_record_and_catches_a_tampered_decision(

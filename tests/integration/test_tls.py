@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -215,6 +216,67 @@ def test_serve_with_tls_flags(tmp_path: Path, certs: Certs) -> None:
         code, output = server.terminate()
     assert code == 0, output
     assert "tls mutual" in output
+
+
+def _outside_dates(expired: bool) -> tuple[dt.datetime, dt.datetime]:
+    now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+    if expired:
+        return now - dt.timedelta(days=30), now - dt.timedelta(days=2)
+    return now + dt.timedelta(days=2), now + dt.timedelta(days=30)
+
+
+@pytest.mark.parametrize(
+    ("expired", "says"),
+    [(True, "expired on"), (False, "not valid before")],
+    ids=["expired", "early"],
+)
+def test_serve_refuses_a_certificate_outside_its_dates(
+    tmp_path: Path, expired: bool, says: str
+) -> None:
+    valid = _outside_dates(expired)
+    certs = make_certs(tmp_path, server_valid=valid)
+    result = cli(
+        "serve",
+        "--store",
+        f"sqlite:///{tmp_path}/control.db",
+        "--tls-cert",
+        str(certs.server_cert),
+        "--tls-key",
+        str(certs.server_key),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"control-server serve: the TLS certificate {certs.server_cert} {says}")
+    start, end = (f"{when:%Y-%m-%d %H:%M} UTC" for when in valid)
+    assert f"(valid from {start} to {end})" in line
+    assert "--allow-invalid-cert-dates" in line
+    assert not (tmp_path / "control.db").exists()
+
+
+def test_serve_serves_an_expired_certificate_when_told_and_warns(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path, server_valid=_outside_dates(expired=True))
+    server = ServerProcess(
+        "--store",
+        f"sqlite:///{tmp_path}/control.db",
+        "--tls-cert",
+        str(certs.server_cert),
+        "--tls-key",
+        str(certs.server_key),
+        "--allow-invalid-cert-dates",
+        cwd=tmp_path,
+    )
+    try:
+        # Served as told; and, as the refusal warned, clients refuse it.
+        with pytest.raises(grpc.RpcError) as refused:
+            health_check(strict(server.target, tls_ca=certs.ca))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        code, output = server.terminate()
+    assert code == 0, output
+    warning = next(line for line in output.splitlines() if "WARNING" in line)
+    assert f"the TLS certificate {certs.server_cert} expired on" in warning
+    assert "serving it anyway (--allow-invalid-cert-dates)" in warning
 
 
 def test_serve_refuses_half_a_tls_pair(tmp_path: Path, certs: Certs) -> None:
