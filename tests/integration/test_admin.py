@@ -107,14 +107,15 @@ def test_a_once_override_reaches_the_next_report_exactly_once(stubs: Stubs) -> N
     assert override.actor == "anonymous" and override.reason == "warm restart"
     assert override.HasField("created_at") and not override.HasField("cleared_at")
 
-    applied = run.apply(stubs.control.ReportEpoch(run.report(2)))
+    sent = run.report(2)
+    applied = run.apply(stubs.control.ReportEpoch(sent))
     assert (applied.action, applied.source) == (pb.INTERVENE, pb.OVERRIDE)
     assert applied.lr == pytest.approx(0.02)
     assert applied.intervention_index == 0
     assert applied.override_id == override.override_id
     assert "anonymous" in applied.reason and "warm restart" in applied.reason
 
-    retried = stubs.control.ReportEpoch(run.report(2))
+    retried = stubs.control.ReportEpoch(sent)  # a retry repeats the report it retries
     assert retried == applied
     after = stubs.control.ReportEpoch(run.report(3))
     assert (after.source, after.override_id) == (pb.POLICY, 0)
