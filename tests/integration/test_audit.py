@@ -98,11 +98,13 @@ def test_a_burst_of_refused_calls_becomes_a_few_counted_events(
         assert details["request"] == {"run_id": "run-x"}
     assert "a-guess" not in json.dumps(events, default=str)
 
-    # Counting starts afresh: five more refusals are one more event.
+    # Counting starts afresh: five more refusals are a new event (two, when a count
+    # is written between the fourth refusal and the fifth).
     with grpc.insecure_channel(server.target) as channel:
         refuse(channel, "GetRun", None, 5)
-    later = counted_events(server, 425)
-    assert [e["details"]["count"] for e in later[len(events) :]] == [5]
+    later = counted_events(server, 425)[len(events) :]
+    assert 1 <= len(later) <= 2
+    assert sum(e["details"]["count"] for e in later) == 5
 
 
 def test_refusals_beyond_the_group_cap_are_counted_as_others(tmp_path: Path) -> None:
