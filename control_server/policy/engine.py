@@ -4,7 +4,8 @@ Precedence, highest first:
 1. safety: the divergence guard (ROLLBACK), then a non-finite loss (STOP/NONE);
 2. an override that sets the LR and/or the loss weights (INTERVENE, OVERRIDE);
 3. an override holding automatic interventions, when a plateau fires (NONE, OVERRIDE);
-4. the plateau rule: intervention k, or the spent budget (NONE or STOP);
+4. the plateau rule: intervention k; NONE when it would change neither the LR nor
+   the weights (the budget untouched); or the spent budget (NONE or STOP);
 5. otherwise NONE with the counters' state.
 
 No I/O, no clock, no global or instance state: the only randomness is a
@@ -91,6 +92,17 @@ def step(
     cfg_i = doc.interventions
     lr = plan_lr(cfg_i, k, report.avg_gradient_norm, report.current_lr, report.initial_lr)
     mix = plan_weights(cfg_i, k, report.run_id, report.epoch, version, report.loss_weights)
+    if lr.changes_nothing and mix.changes_nothing(report.loss_weights):
+        # An intervention the trainer would apply as a no-op is none: no index, so the
+        # client's count (the budget) stays; no mark, so the guard has nothing to undo.
+        # Reset the count like a spent budget; nothing changed, so no cooldown.
+        text = (
+            f"{detected}, but nothing to change: {lr.unchanged_clause()} and "
+            f"{mix.unchanged_clause()}; no intervention, budget untouched "
+            f"({report.intervention_count} of {budget} used)."
+        )
+        after = plateau.reset(cfg, obs.state, cooldown=False)
+        return Verdict(Action.NONE, Source.POLICY, text), after
     verdict = Verdict(
         action=Action.INTERVENE,
         source=Source.POLICY,

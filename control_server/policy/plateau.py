@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from control_server.policy._text import num, pct
+from control_server.policy._text import num, nums, pct, pcts
 from control_server.policy.document import PlateauConfig
 from control_server.policy.state import PolicyState
 
@@ -83,17 +83,10 @@ def metric_name(cfg: PlateauConfig, monitored: str) -> str:
 
 
 def plateau_clause(cfg: PlateauConfig, name: str, obs: Observation) -> str:
-    """'val_loss 0.41 has not improved on best 0.4 by more than 1% (rel) for 4 epochs
-    (patience 3)'."""
-    best = obs.previous_best if obs.previous_best is not None else obs.value
-    margin = ""
-    if cfg.min_delta > 0:
-        amount = pct(cfg.min_delta) if cfg.threshold_mode == "rel" else num(cfg.min_delta)
-        margin = f" by more than {amount} ({cfg.threshold_mode})"
-    return (
-        f"{name} {num(obs.value)} has not improved on best {num(best)}{margin} "
-        f"for {obs.state.num_bad_epochs} epochs (patience {cfg.patience})"
-    )
+    """'val_loss 0.412 improved on the best 0.42 by 1.905%, less than the 2% threshold;
+    no improvement beyond the threshold for 3 epochs (patience: 2 epochs without
+    improvement allowed)'."""
+    return f"{comparison(cfg, name, obs)}; {_streak(cfg, obs.state.num_bad_epochs)}"
 
 
 def status_clause(cfg: PlateauConfig, name: str, obs: Observation, epoch: int) -> str:
@@ -104,26 +97,64 @@ def status_clause(cfg: PlateauConfig, name: str, obs: Observation, epoch: int) -
             f"at epoch {cfg.warmup_epochs}"
         )
     if obs.improved:
-        prev = obs.previous_best
-        text = f"{name} {num(obs.value)} " + (
-            "sets the first best" if prev is None else f"improved on best {num(prev)}"
-        )
+        text = comparison(cfg, name, obs)
     elif obs.in_cooldown:
         left = obs.state.cooldown_left
-        text = (
-            f"{name} {num(obs.value)} did not improve on best {num(_best(obs))}; "
-            f"cooldown, {left} epoch{'' if left == 1 else 's'} left"
-        )
+        text = f"{comparison(cfg, name, obs)}; not counted (cooldown, {_epochs(left)} left)"
     else:
-        text = (
-            f"{name} {num(obs.value)} has not improved on best {num(_best(obs))} "
-            f"for {obs.state.num_bad_epochs} of {cfg.patience} epochs"
-        )
+        text = plateau_clause(cfg, name, obs)
     if epoch < cfg.warmup_epochs:
-        return f"{text} (warmup until epoch {cfg.warmup_epochs})"
+        return f"{text}; warmup until epoch {cfg.warmup_epochs}"
     return text
 
 
-def _best(obs: Observation) -> float:
-    best = obs.state.best
-    return obs.value if best is None else best
+def comparison(cfg: PlateauConfig, name: str, obs: Observation) -> str:
+    """This epoch's value against the best before it, in the threshold's unit (a
+    percentage of |best| for `rel`, the difference for `abs`): worse than, equal to,
+    better but not by more than the threshold, or a new best."""
+    value, best = obs.value, obs.previous_best
+    if best is None:
+        return f"{name} {num(value)} sets the first best"
+    shown, shown_best = nums(value, best)
+    gain = best - value if cfg.mode == "min" else value - best
+    if gain < 0:
+        return f"{name} {shown} is worse than the best {shown_best}"
+    if gain == 0:
+        return f"{name} {shown} equals the best {shown_best}"
+    text = f"{name} {shown} improved on the best {shown_best} by "
+    if obs.improved:
+        return f"{text}{_amount(cfg, gain, best)}, a new best"
+    return text + _short_of_threshold(cfg, gain, best)
+
+
+def _amount(cfg: PlateauConfig, gain: float, best: float) -> str:
+    if cfg.threshold_mode == "rel" and best != 0:
+        return pct(gain / abs(best))
+    return num(gain)
+
+
+def _short_of_threshold(cfg: PlateauConfig, gain: float, best: float) -> str:
+    """'1.905%, less than the 2% threshold'; a gain equal to the threshold (to the
+    last bit) is 'not more than' it, as is_better compares strictly."""
+    t = cfg.min_delta
+    relative = cfg.threshold_mode == "rel" and best != 0
+    amount = gain / abs(best) if relative else gain
+    if amount < t:
+        shown, threshold = pcts(amount, t) if relative else nums(amount, t)
+        return f"{shown}, less than the {threshold} threshold"
+    threshold = pct(t) if relative else num(t)
+    return f"{threshold}, not more than the {threshold} threshold"
+
+
+def _streak(cfg: PlateauConfig, count: int) -> str:
+    """'no improvement beyond the threshold for 3 epochs (patience: 2 epochs without
+    improvement allowed)': the count fires once it exceeds the patience."""
+    what = "no improvement beyond the threshold" if cfg.min_delta > 0 else "no improvement"
+    return (
+        f"{what} for {_epochs(count)} "
+        f"(patience: {_epochs(cfg.patience)} without improvement allowed)"
+    )
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"

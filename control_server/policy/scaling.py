@@ -47,17 +47,30 @@ class LrPlan:
     def capped(self) -> bool:
         return self.uncapped > self.max_lr
 
+    @property
+    def changes_nothing(self) -> bool:
+        """The new LR is the current one (to one part in a billion): typically the
+        current LR already sits at the cap."""
+        return math.isclose(self.lr, self.lr_before, rel_tol=1e-9)
+
     def clause(self) -> str:
         """'grad norm 0.04 -> 10x, damping 0.5, LR 0.005 -> 0.01 (capped at max_lr 0.01)'."""
+        cap = f" (capped at max_lr {num(self.max_lr)})" if self.capped else ""
+        return f"{self._factors()}, LR {num(self.lr_before)} -> {num(self.lr)}{cap}"
+
+    def unchanged_clause(self) -> str:
+        """Why the LR stays: 'the LR is already at its cap 0.01' or 'the LR stays 0.005
+        (grad norm 0.04 -> 1x, damping 1)'."""
+        if self.capped:
+            return f"the LR is already at its cap {num(self.max_lr)}"
+        return f"the LR stays {num(self.lr_before)} ({self._factors()})"
+
+    def _factors(self) -> str:
         if self.grad_norm is None or math.isnan(self.grad_norm):
             grad = f"grad norm missing (counted as {num(self.grad_norm_used)})"
         else:
             grad = f"grad norm {num(self.grad_norm)}"
-        cap = f" (capped at max_lr {num(self.max_lr)})" if self.capped else ""
-        return (
-            f"{grad} -> {num(self.scale)}x, damping {num(self.damping)}, "
-            f"LR {num(self.lr_before)} -> {num(self.lr)}{cap}"
-        )
+        return f"{grad} -> {num(self.scale)}x, damping {num(self.damping)}"
 
 
 def plan_lr(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,12 +35,26 @@ class WeightPlan:
         """'weights dice 0.6, focal 0.4 (final mix)'."""
         if self.kind == "keep":
             return "weights kept" + (f" ({fmt_weights(self.weights)})" if self.weights else "")
-        if self.kind == "final":
-            return f"weights {fmt_weights(self.weights)} (final mix)"
-        return (
-            f"weights {fmt_weights(self.weights)} "
-            f"(seeded draw: mix {self.mix_index + 1} of {self.mix_count})"
+        return f"weights {fmt_weights(self.weights)} ({self._origin()})"
+
+    def changes_nothing(self, current: Mapping[str, float]) -> bool:
+        """The weights are the current ones (every component, to one part in a billion)."""
+        return set(self.weights) == set(current) and all(
+            math.isclose(w, current[name], rel_tol=1e-9) for name, w in self.weights.items()
         )
+
+    def unchanged_clause(self) -> str:
+        """'the loss weights stay ce 1, dice 1 (kept)', or '(final mix)' when the mix
+        the intervention would set is the current one."""
+        if not self.weights:
+            return "the loss weights stay as they are (none reported)"
+        origin = "kept" if self.kind == "keep" else self._origin()
+        return f"the loss weights stay {fmt_weights(self.weights)} ({origin})"
+
+    def _origin(self) -> str:
+        if self.kind == "final":
+            return "final mix"
+        return f"seeded draw: mix {self.mix_index + 1} of {self.mix_count}"
 
 
 def plan_weights(

@@ -71,7 +71,7 @@ def test_hold_turns_a_plateau_into_none() -> None:
     hold = Override(run_id="run-a", actor="bob", reason="investigating", hold_interventions=True)
     verdict, state = step(DEFAULT, VERSION, DUE, policy_report(), hold)
     assert (verdict.action, verdict.source, verdict.lr) == (Action.NONE, Source.OVERRIDE, None)
-    assert verdict.reason.startswith("Plateau: val_loss 0.3222 has not improved on best 0.3")
+    assert verdict.reason.startswith("Plateau: val_loss 0.3222 is worse than the best 0.3;")
     assert verdict.reason.endswith("but automatic interventions are held by bob: investigating.")
     assert (state.num_bad_epochs, state.cooldown_left, state.mark) == (0, 2, None)
 
@@ -175,7 +175,7 @@ def test_last_verdict_needs_a_report() -> None:
 def test_first_report_sets_the_best() -> None:
     verdict, state = step(DEFAULT, VERSION, INITIAL_STATE, policy_report(0, 0.7))
     assert (verdict.action, verdict.source) == (Action.NONE, Source.POLICY)
-    assert verdict.reason == "val_loss 0.7 sets the first best (warmup until epoch 5)."
+    assert verdict.reason == "val_loss 0.7 sets the first best; warmup until epoch 5."
     assert (state.best, state.last_epoch) == (0.7, 0)
 
 

@@ -155,10 +155,13 @@ def test_agrees_with_reduce_lr_on_plateau_on_positive_values(
 def test_default_fires_on_the_epoch_the_count_exceeds_patience() -> None:
     verdicts = run(doc(), [0.5, 0.6, 0.6, 0.6, 0.6, 0.6])
     assert fired(verdicts) == [4]
-    assert verdicts[3].reason == "val_loss 0.6 has not improved on best 0.5 for 3 of 3 epochs."
+    assert verdicts[3].reason == (
+        "val_loss 0.6 is worse than the best 0.5; no improvement beyond the threshold "
+        "for 3 epochs (patience: 3 epochs without improvement allowed)."
+    )
     assert verdicts[4].reason.startswith(
-        "Plateau: val_loss 0.6 has not improved on best 0.5 by more than 1% (rel) "
-        "for 4 epochs (patience 3); intervention 1 of 1000:"
+        "Plateau: val_loss 0.6 is worse than the best 0.5; no improvement beyond the threshold "
+        "for 4 epochs (patience: 3 epochs without improvement allowed); intervention 1 of 1000:"
     )
 
 
@@ -169,11 +172,15 @@ def test_rel_threshold_is_relative_to_abs_best_on_negative_losses() -> None:
     assert torch_fired(values) == []
     verdicts = run(doc(), values)
     assert fired(verdicts) == [4]
-    assert "val_loss -0.4035 has not improved on best -0.4 by more than 1% (rel)" in (
-        verdicts[4].reason
+    # Lower (better) by 0.0035 = 0.875% of |best|: said so, and that it is under 1%.
+    assert verdicts[4].reason.startswith(
+        "Plateau: val_loss -0.4035 improved on the best -0.4 by 0.875%, less than the 1% "
+        "threshold; no improvement beyond the threshold for 4 epochs"
     )
     # A gain of more than 1% of |best| is an improvement.
-    assert run(doc(), [-0.40, -0.405])[1].reason == "val_loss -0.405 improved on best -0.4."
+    assert run(doc(), [-0.40, -0.405])[1].reason == (
+        "val_loss -0.405 improved on the best -0.4 by 1.25%, a new best."
+    )
 
 
 def test_rel_and_abs_thresholds_differ() -> None:
@@ -197,9 +204,15 @@ def test_cooldown_discards_bad_epochs_after_an_intervention() -> None:
     verdicts = run(doc(patience=1, cooldown=2), [0.5] * 9)
     # Fires at 2 (2 bad > 1), then 2 cooldown epochs count nothing, then 2 bad epochs.
     assert fired(verdicts) == [2, 6]
-    assert verdicts[3].reason == "val_loss 0.5 did not improve on best 0.5; cooldown, 1 epoch left."
-    assert verdicts[4].reason.endswith("cooldown, 0 epochs left.")
-    assert verdicts[5].reason == "val_loss 0.5 has not improved on best 0.5 for 1 of 1 epochs."
+    assert (
+        verdicts[3].reason
+        == "val_loss 0.5 equals the best 0.5; not counted (cooldown, 1 epoch left)."
+    )
+    assert verdicts[4].reason.endswith("not counted (cooldown, 0 epochs left).")
+    assert verdicts[5].reason == (
+        "val_loss 0.5 equals the best 0.5; no improvement beyond the threshold for 1 epoch "
+        "(patience: 1 epoch without improvement allowed)."
+    )
 
 
 def test_warmup_defers_the_firing_to_the_first_allowed_epoch() -> None:
@@ -209,12 +222,14 @@ def test_warmup_defers_the_firing_to_the_first_allowed_epoch() -> None:
     verdicts = run(doc(warmup_epochs=7), values)
     assert fired(verdicts) == [7]
     assert verdicts[1].reason == (
-        "val_loss 0.6 has not improved on best 0.5 for 1 of 3 epochs (warmup until epoch 7)."
+        "val_loss 0.6 is worse than the best 0.5; no improvement beyond the threshold for 1 epoch "
+        "(patience: 3 epochs without improvement allowed); warmup until epoch 7."
     )
     assert verdicts[5].reason.endswith(
-        "for 5 epochs (patience 3), but no intervention before warmup ends at epoch 7."
+        "for 5 epochs (patience: 3 epochs without improvement allowed), "
+        "but no intervention before warmup ends at epoch 7."
     )
-    assert "for 7 epochs (patience 3)" in verdicts[7].reason
+    assert "for 7 epochs (patience: 3 epochs without improvement allowed)" in verdicts[7].reason
 
 
 def test_warmup_with_improvement_after_the_deferred_count_does_not_fire() -> None:
@@ -227,11 +242,14 @@ def test_ema_smooths_the_monitored_value() -> None:
     # ...while the EMA (alpha 0.5) keeps improving for a while, then flattens out.
     verdicts = run(doc(ema_alpha=0.5), values)
     assert verdicts[0].reason == "val_loss EMA 1 sets the first best."
-    assert verdicts[1].reason == "val_loss EMA 0.75 improved on best 1."
+    assert verdicts[1].reason == "val_loss EMA 0.75 improved on the best 1 by 25%, a new best."
     ema = 1.0
     for v in values[1:3]:
         ema = 0.5 * v + 0.5 * ema
-    assert verdicts[2].reason == f"val_loss EMA {ema:.4g} improved on best 0.75."
+    assert (
+        verdicts[2].reason
+        == f"val_loss EMA {ema:.4g} improved on the best 0.75 by 10%, a new best."
+    )
     assert fired(verdicts) != fired(run(doc(), values))
 
 
@@ -246,5 +264,5 @@ def test_ema_firing_matches_reference_on_the_smoothed_curve() -> None:
 
 def test_train_loss_is_monitored_when_val_loss_is_missing() -> None:
     verdicts = run(doc(), [0.5, 0.4], val_loss=None)
-    assert verdicts[1].reason == "train_loss 0.4 improved on best 0.5."
+    assert verdicts[1].reason == "train_loss 0.4 improved on the best 0.5 by 20%, a new best."
     assert verdicts[1].source is Source.POLICY

@@ -94,8 +94,9 @@ epochs = st.builds(
     train=losses,
     val=st.none() | losses,
     grad=st.none() | st.floats(0.0, 2.0),
-    lr=st.floats(0.0, 0.05),
-    initial_lr=st.floats(1e-4, 0.05),
+    # 0.01 for both often: an LR at its cap, where an intervention may change nothing.
+    lr=st.just(0.01) | st.floats(0.0, 0.05),
+    initial_lr=st.just(0.01) | st.floats(1e-4, 0.05),
     applies=st.sampled_from([True, True, True, True, False]),
     override=st.none() | st.none() | st.none() | overrides,
 )
@@ -156,6 +157,10 @@ def test_lr_bounds_and_json_state_round_trip(doc: PolicyDoc, run: list[Epoch]) -
             assert verdict.lr <= cap
             assert verdict.intervention_index == report.intervention_count + 1
             assert 1 <= verdict.intervention_index <= doc.interventions.max_interventions
+            # An automatic intervention always changes something the trainer would notice.
+            assert not math.isclose(verdict.lr, report.current_lr, rel_tol=1e-9) or dict(
+                verdict.loss_weights
+            ) != dict(report.loss_weights)
         if verdict.action is Action.ROLLBACK:
             assert verdict.source is Source.SAFETY
             assert verdict.lr is not None

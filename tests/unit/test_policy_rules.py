@@ -32,8 +32,9 @@ def test_worked_example_from_the_spec() -> None:
     assert verdict.lr == 0.010
     assert dict(verdict.loss_weights) == {"dice": 0.6, "focal": 0.4}
     assert verdict.reason == (
-        "Plateau: val_loss 0.3222 has not improved on best 0.3 by more than 1% (rel) "
-        "for 4 epochs (patience 3); intervention 3 of 3: grad norm 0.04 -> 10x, damping 0.5, "
+        "Plateau: val_loss 0.3222 is worse than the best 0.3; no improvement beyond the "
+        "threshold for 4 epochs (patience: 3 epochs without improvement allowed); "
+        "intervention 3 of 3: grad norm 0.04 -> 10x, damping 0.5, "
         "LR 0.005 -> 0.01 (capped at max_lr 0.01); weights dice 0.6, focal 0.4 (final mix)."
     )
 
@@ -160,7 +161,7 @@ def test_spent_budget_decides_none_and_resets_the_count() -> None:
     assert (state.num_bad_epochs, state.cooldown_left, state.mark) == (0, 0, None)
     # The next bad epoch does not re-announce the plateau.
     verdict, _ = step(DEFAULT, VERSION, state, policy_report(16, 0.33, intervention_count=3))
-    assert "for 1 of 3 epochs" in verdict.reason
+    assert "for 1 epoch (patience: 3 epochs" in verdict.reason
 
 
 def test_spent_budget_stops_when_configured() -> None:
@@ -189,3 +190,73 @@ def test_intervention_sets_cooldown_and_a_guard_mark() -> None:
     )
     assert dict(state.mark.weights_before) == {"ce": 1.0, "dice": 1.0}
     assert INITIAL_STATE.mark is None
+
+
+# --- an intervention that would change nothing ----------------------------------
+
+
+AT_CAP: dict[str, Any] = {"current_lr": 0.01, "initial_lr": 0.01}  # cap: the initial LR
+
+
+def test_an_intervention_at_the_cap_that_keeps_the_weights_is_none() -> None:
+    # k = 1 keeps the weights; 0.01 x 10 x 1.0 capped at 0.01 is the LR already set.
+    verdict, state = step(DEFAULT, VERSION, DUE, policy_report(**AT_CAP))
+    assert (verdict.action, verdict.source) == (Action.NONE, Source.POLICY)
+    assert (verdict.lr, dict(verdict.loss_weights), verdict.intervention_index) == (None, {}, 0)
+    assert verdict.reason == (
+        "Plateau: val_loss 0.3222 is worse than the best 0.3; no improvement beyond the "
+        "threshold for 4 epochs (patience: 3 epochs without improvement allowed), but nothing "
+        "to change: the LR is already at its cap 0.01 and the loss weights stay ce 1, dice 1 "
+        "(kept); no intervention, budget untouched (0 of 3 used)."
+    )
+    # Nothing to undo and nothing changed: no guard mark, no cooldown; the count restarts.
+    assert (state.num_bad_epochs, state.cooldown_left, state.mark) == (0, 0, None)
+
+
+def test_a_later_plateau_below_the_cap_is_intervention_1() -> None:
+    _, state = step(DEFAULT, VERSION, DUE, policy_report(**AT_CAP))
+    for epoch in range(16, 19):  # three more bad epochs: the count is 3, not above patience
+        verdict, state = step(DEFAULT, VERSION, state, policy_report(epoch, **AT_CAP))
+        assert verdict.action is Action.NONE
+    verdict, _ = step(DEFAULT, VERSION, state, policy_report(19, current_lr=0.002))
+    assert (verdict.action, verdict.intervention_index, verdict.lr) == (Action.INTERVENE, 1, 0.01)
+
+
+def test_a_drawn_or_final_mix_equal_to_the_current_weights_at_the_cap_is_none() -> None:
+    drawn = plan_weights(DEFAULT.interventions, 2, "run-a", 15, VERSION, {}).weights
+    for used, weights, origin in [
+        (1, drawn, "seeded draw: mix"),
+        (2, DEFAULT.interventions.final_mix, "final mix"),
+    ]:
+        report = policy_report(intervention_count=used, loss_weights=frozen_map(weights), **AT_CAP)
+        verdict, _ = step(DEFAULT, VERSION, DUE, report)
+        assert (verdict.action, verdict.intervention_index) == (Action.NONE, 0)
+        assert "the LR is already at its cap 0.01 and the loss weights stay " in verdict.reason
+        assert f"({origin}" in verdict.reason
+        assert verdict.reason.endswith(f"budget untouched ({used} of 3 used).")
+
+
+def test_an_lr_that_stays_without_a_cap_is_said_so() -> None:
+    policy = doc(interventions={"lr_scales": [1, 1, 1, 1], "damping": [1]})
+    verdict, _ = step(policy, VERSION, DUE, policy_report(loss_weights=frozen_map({})))
+    assert verdict.action is Action.NONE
+    assert (
+        "nothing to change: the LR stays 0.005 (grad norm 0.04 -> 1x, damping 1) and the loss "
+        "weights stay as they are (none reported);"
+    ) in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("used", "fields"),
+    [
+        (0, {"current_lr": 0.02, "initial_lr": 0.01}),  # above the cap: lowered to it
+        (1, AT_CAP),  # LR at the cap, but intervention 2 draws a new mix
+        (0, {"current_lr": 0.009, "initial_lr": 0.01}),  # weights kept, LR raised
+    ],
+)
+def test_an_intervention_that_changes_one_thing_still_counts(
+    used: int, fields: dict[str, Any]
+) -> None:
+    verdict, state = step(DEFAULT, VERSION, DUE, policy_report(intervention_count=used, **fields))
+    assert (verdict.action, verdict.intervention_index) == (Action.INTERVENE, used + 1)
+    assert state.mark is not None and state.cooldown_left == 2
