@@ -1,6 +1,7 @@
 """The decision engine: a pure function of (policy, state, report, override).
 
 Precedence, highest first:
+0. an operator's STOP or ROLLBACK override (OVERRIDE): the operator has the last word;
 1. safety: the divergence guard (ROLLBACK), then a non-finite loss (STOP/NONE);
 2. an override that sets the LR and/or the loss weights (INTERVENE, OVERRIDE);
 3. an override holding automatic interventions, when a plateau fires (NONE, OVERRIDE);
@@ -22,7 +23,7 @@ from control_server.domain import Action, Override, Report, Source, Verdict, fro
 from control_server.policy import guard, plateau
 from control_server.policy._text import num, sentence
 from control_server.policy._text import weights as fmt_weights
-from control_server.policy.document import PolicyDoc
+from control_server.policy.document import PlateauConfig, PolicyDoc
 from control_server.policy.scaling import plan_lr
 from control_server.policy.state import INITIAL_STATE, InterventionMark, PolicyState
 from control_server.policy.weights import plan_weights
@@ -41,6 +42,9 @@ def step(
     raw = report.monitored(cfg.monitor)
     win = guard.window(doc.guard, state.mark, report)
     state = replace(state, last_epoch=report.epoch, mark=win.mark)
+
+    if override is not None and override.action is not None:
+        return _operator_action(cfg, override, state)
 
     if win.armed is not None:
         rollback = guard.check(doc.guard, cfg.mode, win.armed, report, monitored, raw)
@@ -154,6 +158,34 @@ def _nonfinite(doc: PolicyDoc, report: Report) -> Verdict:
         "continuing because guard.on_nonfinite is none."
     )
     return Verdict(Action.NONE, Source.SAFETY, text)
+
+
+def _operator_action(
+    cfg: PlateauConfig, override: Override, state: PolicyState
+) -> tuple[Verdict, PolicyState]:
+    """An operator's STOP or ROLLBACK. The epoch's value is not folded in: a STOP ends
+    the run here, and a ROLLBACK discards the model that reached it (as the guard's)."""
+    why = sentence(override.reason)
+    by = f"Override by {override.actor}" + (f" ({why})" if why else "")
+    if override.action == Action.STOP:
+        return Verdict(Action.STOP, Source.OVERRIDE, f"{by}: stopping the run."), state
+    restore = "LR unchanged" if override.lr is None else f"LR {num(override.lr)}"
+    restore += (
+        f" and weights {fmt_weights(override.loss_weights)}"
+        if override.loss_weights
+        else " (weights were not reported)"
+    )
+    undo = f"rolling back the intervention of epoch {override.rollback_epoch}"
+    verdict = Verdict(
+        action=Action.ROLLBACK,
+        source=Source.OVERRIDE,
+        reason=f"{by}: {undo} to {restore}.",
+        lr=override.lr,
+        loss_weights=frozen_map(override.loss_weights),
+        intervention_index=0,
+    )
+    # The intervention is undone: nothing is left for the guard to watch.
+    return verdict, replace(plateau.reset(cfg, state, cooldown=True), mark=None)
 
 
 def _override_verdict(override: Override, report: Report, plateau_fired: bool) -> Verdict:
