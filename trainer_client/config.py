@@ -74,8 +74,11 @@ class ClientConfig:
         return self.tls or self.tls_ca is not None or self.tls_cert is not None
 
     def __post_init__(self) -> None:
-        if not self.target or any(c.isspace() for c in self.target):
-            raise ValueError(f"target must be a non-empty HOST:PORT, but got {self.target!r}.")
+        problem = target_problem(self.target)
+        if problem is not None:
+            raise ValueError(
+                f"target must be a non-empty HOST:PORT, but got {self.target!r} ({problem})."
+            )
         if self.run_id is not None and not self.run_id.strip():
             raise ValueError(f"run_id must be non-empty when set, but got {self.run_id!r}.")
         if not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
@@ -120,8 +123,11 @@ class ClientConfig:
             return value or None
 
         target = get("TRAINCTL_SERVER") or DEFAULT_TARGET
-        if any(c.isspace() for c in target):
-            raise ValueError(f"TRAINCTL_SERVER must be a HOST:PORT, but got {target!r}.")
+        problem = target_problem(target)
+        if problem is not None:
+            raise ValueError(
+                f"TRAINCTL_SERVER must be a HOST:PORT, but got {target!r} ({problem})."
+            )
         token = get("TRAINCTL_TOKEN")
         if token is not None and any(c.isspace() for c in token):
             raise ValueError("TRAINCTL_TOKEN must contain no whitespace.")
@@ -172,6 +178,33 @@ class ClientConfig:
                 else _non_negative_int("TRAINCTL_MAX_HELD_REPORTS", held)
             ),
         )
+
+
+#: Target prefixes of gRPC's own naming syntax, passed to it as they are.
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
+def target_problem(target: str) -> str | None:
+    """What is wrong with a server address (None: nothing).
+
+    HOST:PORT, with an IPv6 host in brackets (``[::1]:50051``); a target in
+    gRPC's own syntax (``dns:///host:port``, ``unix:/path``) passes as it is.
+    Without a port gRPC would dial 443, never the control server.
+    """
+    if not target:
+        return "empty"
+    if any(c.isspace() for c in target):
+        return "it contains whitespace"
+    if target.startswith(_GRPC_SCHEMES):
+        return None
+    host, colon, port = target.rpartition(":")
+    if not colon or not host:
+        return "no port" if not colon else "no host"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return "an IPv6 address goes in brackets: [::1]:50051"
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        return f"the port must be a number from 1 to 65535, not {port!r}"
+    return None
 
 
 def _positive_float(name: str, raw: str | None) -> float | None:

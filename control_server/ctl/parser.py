@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Operate training control: runs, overrides, policies, decisions.",
         epilog="Connection: TRAINCTL_SERVER, TRAINCTL_TOKEN, TRAINCTL_TLS, TRAINCTL_TLS_CA, "
-        "TRAINCTL_TLS_CERT, TRAINCTL_TLS_KEY, as for the trainer client.",
+        "TRAINCTL_TLS_CERT, TRAINCTL_TLS_KEY, as for the trainer client; the options "
+        "above take precedence.",
     )
     parser.add_argument(
         "--server", metavar="HOST:PORT", help="default: $TRAINCTL_SERVER or 127.0.0.1:50051"
@@ -98,6 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="file holding the bearer token (default: $TRAINCTL_TOKEN)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA that signed the server's certificate: TLS (default: $TRAINCTL_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM client certificate, for a server that requires one (with --tls-key; "
+        "default: $TRAINCTL_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        metavar="FILE",
+        help="PEM key of --tls-cert (default: $TRAINCTL_TLS_KEY)",
     )
     parser.add_argument(
         "--timeout",

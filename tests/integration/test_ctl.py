@@ -629,6 +629,116 @@ def test_tls_settings_come_from_the_trainer_clients_variables(
     assert unreadable.code == 2 and "TRAINCTL_TLS_CA" in unreadable.err
 
 
+def controlctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`controlctl ARGS` as a user runs it: a real process, only the given TRAINCTL_*."""
+    return subprocess.run(
+        [sys.executable, "-m", "control_server.ctl", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+def complaint(result: subprocess.CompletedProcess[str]) -> str:
+    """The line controlctl printed last on stderr (grpc may log before it), never a traceback."""
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_tls_mismatch_names_the_option_to_pass(
+    make_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    certs = make_certs(tmp_path)
+    tls = make_server(
+        tls_cert=certs.server_cert, tls_key=certs.server_key, store_url=f"sqlite:///{tmp_path}/t.db"
+    )
+    mutual = make_server(
+        tls_cert=certs.server_cert,
+        tls_key=certs.server_key,
+        tls_client_ca=certs.ca,
+        store_url=f"sqlite:///{tmp_path}/m.db",
+    )
+    plain = make_server(store_url=f"sqlite:///{tmp_path}/p.db")
+    ca, other = ("--tls-ca", str(certs.ca)), ("--tls-ca", str(certs.other_ca))
+    client = ("--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key))
+    cases = [
+        (tls.target, (), f"the server at {tls.target} speaks TLS: pass --tls-ca FILE"),
+        (
+            mutual.target,
+            ca,
+            "the server requires a client certificate: pass --tls-cert FILE and --tls-key FILE",
+        ),
+        (
+            tls.target,
+            other,
+            f"the server's certificate is not signed by --tls-ca {certs.other_ca}: pass --tls-ca",
+        ),
+        (plain.target, ca, f"the server at {plain.target} does not speak TLS: leave out --tls-ca"),
+    ]
+    for target, options, says in cases:
+        result = controlctl("--server", target, "--timeout", "5", *options, "runs")
+        assert result.returncode == 1, result.stderr
+        assert complaint(result).startswith(f"controlctl: UNAVAILABLE: {says}"), options
+    # The same through the variables, and with every option right: served.
+    env = {"TRAINCTL_TLS_CA": str(certs.ca)}
+    no_cert = controlctl("--server", mutual.target, "--timeout", "5", "runs", env=env)
+    assert "the server requires a client certificate" in complaint(no_cert)
+    assert controlctl("--server", mutual.target, *ca, *client, "runs").returncode == 0
+
+
+def test_a_token_given_as_the_token_file_is_never_printed(
+    make_server: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    auth_file = tmp_path / "tokens.json"
+    token, _ = create_token(auth_file, "alice", Role.OPERATOR)
+    server = make_server(auth_file=auth_file, store_url=f"sqlite:///{tmp_path}/auth.db")
+    result = controlctl("--server", server.target, "--token-file", token, "runs")
+    assert result.returncode == 2
+    assert token not in result.stderr + result.stdout
+    assert complaint(result).startswith("controlctl: the --token-file path does not exist")
+    # A path that is no token is named, as any file that cannot be read.
+    missing = tmp_path / "operator.token"
+    named = controlctl("--server", server.target, "--token-file", str(missing), "runs")
+    assert complaint(named) == f"controlctl: cannot read {missing}: No such file or directory"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (
+            ["--server", "localhost", "runs"],
+            {},
+            "--server must be HOST:PORT, but got 'localhost' (no port)",
+        ),
+        (
+            ["runs"],
+            {"TRAINCTL_SERVER": "myhost"},
+            "TRAINCTL_SERVER must be a HOST:PORT, but got 'myhost' (no port).",
+        ),
+        (
+            ["runs", "--server", "127.0.0.1:1"],
+            {},
+            "--server is an option of `controlctl`: give it before `runs`",
+        ),
+        (
+            ["--json", "runs"],
+            {},
+            "--json is an option of `controlctl runs`: give it after the command",
+        ),
+        (["--tls-cert", "c.pem", "runs"], {}, "--tls-cert and --tls-key must be given together"),
+    ],
+)
+def test_setup_mistakes_are_one_line_naming_what_to_change(
+    args: list[str], env: dict[str, str], says: str
+) -> None:
+    result = controlctl(*args, env=env)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"controlctl: {says}")
+
+
 def test_controlctl_is_a_declared_command() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["controlctl"] == "control_server.ctl:main"

@@ -118,6 +118,22 @@ def test_the_lr_cap_and_the_held_reports_bound() -> None:
         ("TRAINCTL_MAX_MESSAGE_BYTES", "4MiB", "TRAINCTL_MAX_MESSAGE_BYTES must be a positive"),
         ("TRAINCTL_MAX_MESSAGE_BYTES", "0", "TRAINCTL_MAX_MESSAGE_BYTES must be a positive"),
         ("TRAINCTL_SERVER", "host :1", "TRAINCTL_SERVER must be a HOST:PORT"),
+        # Without a port gRPC dials 443: never the control server.
+        (
+            "TRAINCTL_SERVER",
+            "myhost",
+            "TRAINCTL_SERVER must be a HOST:PORT, but got 'myhost' (no port).",
+        ),
+        (
+            "TRAINCTL_SERVER",
+            "myhost:grpc",
+            "TRAINCTL_SERVER must be a HOST:PORT, but got 'myhost:grpc'",
+        ),
+        (
+            "TRAINCTL_SERVER",
+            "::1:50051",
+            "TRAINCTL_SERVER must be a HOST:PORT, but got '::1:50051' (an IPv6",
+        ),
         ("TRAINCTL_TOKEN", "two words", "TRAINCTL_TOKEN must contain no whitespace"),
     ],
 )
@@ -134,6 +150,11 @@ def test_direct_construction_is_validated_too() -> None:
         ClientConfig(max_message_bytes=0)
     with pytest.raises(ValueError, match="target must be a non-empty HOST:PORT"):
         ClientConfig(target="")
+    with pytest.raises(ValueError, match="but got 'myhost' \\(no port\\)"):
+        ClientConfig(target="myhost")
+    # IPv6 in brackets and gRPC's own target syntax pass as they are.
+    for target in ("[::1]:50051", "dns:///control.internal:6000", "unix:/run/control.sock"):
+        assert ClientConfig(target=target).target == target
 
 
 def test_token_stays_out_of_repr_and_errors() -> None:
