@@ -56,6 +56,10 @@ async def _serve(config: ServerConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    for flag, address in (("--listen", args.listen), ("--metrics-listen", args.metrics_listen)):
+        problem = None if address is None else _listen_problem(address)
+        if problem is not None:
+            raise ValueError(f"{flag} must be HOST:PORT, but got {address!r} ({problem})")
     loopback = is_loopback(args.listen)
     if not loopback and args.auth_file is None and not args.insecure:
         print(
@@ -108,6 +112,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     return 0
+
+
+def _listen_problem(address: str) -> str | None:
+    """What is wrong with a HOST:PORT to listen on (None: nothing). An empty host is
+    every interface, port 0 any free port; without a port grpc would take 443."""
+    port = address.rpartition(":")[2]
+    if ":" not in address:
+        return "no port"
+    if not (port.isdigit() and int(port) < 65536):
+        return f"the port must be a number from 0 to 65535, not {port!r}"
+    return None
 
 
 def _check_certificate_dates(path: Path, *, allow: bool) -> None:

@@ -176,6 +176,16 @@ def test_a_flag_on_the_wrong_side_of_the_command_says_where_it_belongs(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-listen"])
+def test_serve_refuses_an_address_without_a_port(tmp_path: Path, flag: str) -> None:
+    result = cli("serve", "--store", f"sqlite:///{tmp_path}/c.db", flag, "127.0.0.1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"control-server serve: {flag} must be HOST:PORT, but got '127.0.0.1' (no port)"
+    )
+    assert not (tmp_path / "c.db").exists()
+
+
 def test_serve_warns_when_metrics_are_served_beyond_loopback(tmp_path: Path) -> None:
     server = ServerProcess(
         "--store", f"sqlite:///{tmp_path}/c.db", "--metrics-listen", "0.0.0.0:0", cwd=tmp_path
