@@ -19,7 +19,7 @@ from control_server.domain import Decision, DomainError
 from control_server.listen import ListenError
 from control_server.policy.document import PolicyDoc
 from control_server.policy_files import load_policy_file
-from control_server.replay import replay_store
+from control_server.replay import replay_store, verify_store
 from control_server.report_epoch import PolicyCache
 from control_server.runs import DEFAULT_STALE_FACTOR
 from control_server.store import open_store
@@ -155,13 +155,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
             return cache.get(recorded.policy_version), recorded.policy_version
 
         run_ids = [args.run] if args.run else None
+        findings, head = verify_store(store, run_ids)
         try:
             runs, decisions, differences = replay_store(store, run_ids, policy_for)
         except KeyError:
             print(f"control-server replay: run {args.run!r} is not recorded", file=sys.stderr)
             return 2
+        except DomainError as exc:
+            # An edited policy document: the findings above say which.
+            runs, decisions, differences = 0, 0, []
+            findings.append(f"cannot recompute the decisions: {exc}")
     finally:
         store.close()
+    for finding in findings:
+        print(f"tampered: {finding}")
+    if run_ids is None:
+        print(f"replay: the run registry's head is {head or '(empty)'}")
     for difference in differences:
         print(difference.describe())
     if what_if is not None:
@@ -171,8 +180,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"{decisions} decisions in {len(changed)} of {runs} runs would differ"
         )
         return 0
-    print(f"replay: {runs} runs, {decisions} decisions, {len(differences)} differ from the record")
-    return 1 if differences else 0
+    print(
+        f"replay: {runs} runs, {decisions} decisions, {len(differences)} differ from the record; "
+        f"{len(findings)} signs of edited or deleted rows"
+    )
+    return 1 if differences or findings else 0
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:

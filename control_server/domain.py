@@ -469,6 +469,10 @@ class DecisionRecord:
     consumed_override: int | None = None
     shadow: Decision | None = None
     shadow_state: str | None = None
+    #: The epoch's chain value (control_server/chain.py; None: unchained).
+    chain: str | None = None
+    #: The run was not stored before this record: it enters the run registry.
+    new_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -494,6 +498,8 @@ class RunContext:
     attempt: int = 0
     #: The newest epoch stored in the run's current history (None: none).
     last_epoch: int | None = None
+    #: The chain value stored at `previous_epoch` (None: none, or unchained).
+    previous_chain: str | None = None
 
 
 def _same_value(a: object, b: object) -> bool:

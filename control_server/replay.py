@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from control_server.domain import Action, Decision, Override, Report, Source, Verdict
+from control_server.chain import registry_head, verify_history, verify_policy, verify_registry
+from control_server.domain import Action, Decision, Override, Report, RunFilter, Source, Verdict
 from control_server.policy import INITIAL_STATE, PolicyState, step
 from control_server.policy.document import PolicyDoc
 from control_server.store import Store
@@ -142,6 +143,25 @@ def replay_run(
         if not recorded.same_outcome(verdict):
             differences.append(Difference(report.run_id, report.epoch, recorded, verdict))
     return differences
+
+
+def verify_store(store: Store, run_ids: Sequence[str] | None = None) -> tuple[list[str], str]:
+    """Every edited or deleted row the record's hash chains show (one finding each),
+    and the run registry's head (kept elsewhere, it also shows the newest entries cut)."""
+    findings: list[str] = []
+    summaries = {r.run_id: r for r in store.list_runs(RunFilter(limit=0))}
+    chained: set[str] = set()
+    for run_id in run_ids if run_ids is not None else sorted(summaries):
+        history = store.chained_history(run_id)
+        if any(e.chain is not None for e in history):
+            chained.add(run_id)
+        if history or run_id in summaries:
+            findings.extend(verify_history(summaries.get(run_id), history))
+    registry = store.run_registry()
+    if run_ids is None:
+        findings.extend(verify_registry(registry, list(summaries), chained))
+        findings.extend(f for p in store.list_policies() if (f := verify_policy(p)) is not None)
+    return findings, registry_head(registry)
 
 
 def replay_store(

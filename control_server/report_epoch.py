@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from control_server.chain import link
 from control_server.domain import (
     Decision,
     DecisionRecord,
@@ -59,6 +60,12 @@ class PolicyCache:
             if stored is None:
                 raise NotFound(f"policy version {version!r} is not stored")
             doc = parse_policy(dict(stored.document))
+            if doc.version != version:
+                # Versions are content hashes: this document was edited in the store.
+                raise StoreUnavailable(
+                    f"policy version {version!r} is stored with a document that hashes to "
+                    f"{doc.version!r}: the store was edited; nothing is decided with it"
+                )
             self._docs[version] = doc
         return doc
 
@@ -121,6 +128,8 @@ class ReportEpoch:
             report,
             decision,
             state_json,
+            chain=link(context.previous_chain, report, decision, state_json),
+            new_run=context.attempt == 0,
             # A `once` override is for a live epoch: a late report leaves it in force.
             consumed_override=(
                 override.override_id

@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
+from control_server.chain import ChainedEpoch, RegistryEntry
 from control_server.domain import (
     Decision,
     DecisionFilter,
@@ -294,6 +295,15 @@ class Store(ABC):
     ) -> list[tuple[Report, Decision]]:
         """A run's superseded (report, decision) pairs with from_epoch <= epoch <=
         to_epoch (None: no upper bound), by epoch, then attempt."""
+
+    @abstractmethod
+    def chained_history(self, run_id: str) -> list[ChainedEpoch]:
+        """A run's current history as stored, with each epoch's state and chain value,
+        in epoch order (for `replay`'s tamper check)."""
+
+    @abstractmethod
+    def run_registry(self) -> list[RegistryEntry]:
+        """The run registry, in the order runs were entered."""
 
     @abstractmethod
     def recent_epoch_times(self, run_ids: Sequence[str], count: int) -> dict[str, list[datetime]]:

@@ -85,5 +85,6 @@ class ContextCache:
             previous_shadow_state=shadow_state,
             attempt=record.decision.attempt,
             last_epoch=epoch,
+            previous_chain=record.chain,
         )
         remember(self.entries, run_id, (labels, following), CONTEXT_CACHE_RUNS)

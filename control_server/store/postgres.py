@@ -62,6 +62,7 @@ from control_server.store.postgres_batch import (
     LOCK_RUNS,
     MIGRATION_LOCK,
     POLICY_LOCK,
+    REGISTRY_LOCK,
     SELECT_CONTEXTS,
     Connection,
     ContextKey,
@@ -402,6 +403,9 @@ class PostgresStore(SqlStore[_Session]):
             self._lock_runs(txn, runs)
             yield _Session(txn.conn)
 
+    def _lock_registry(self, s: _Session) -> None:
+        s.conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, REGISTRY_LOCK))
+
     def _insert_returning(
         self, s: _Session, sql: str, params: Sequence[Any], table: str, columns: str
     ) -> Any:
@@ -464,6 +468,14 @@ class PostgresStore(SqlStore[_Session]):
                 del txn.contexts[key]
             for segment in segments(records):
                 results.extend(record_segment(txn.conn, segment))
+            self._register_runs(
+                _Session(txn.conn),
+                [
+                    (r.report.run_id, r.decision.decided_at)
+                    for r, stored in zip(records, results, strict=True)
+                    if r.new_run and stored is r.decision
+                ],
+            )
         return results
 
     def load_context(self, run_id: str, epoch: int, labels: RunLabels | None = None) -> RunContext:

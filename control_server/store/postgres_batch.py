@@ -36,6 +36,7 @@ LOCK_CLASS = 0x7443  # "tC"
 MIGRATION_LOCK = 1
 SEQUENCE_LOCK = 2
 POLICY_LOCK = 3
+REGISTRY_LOCK = 4
 
 
 # The array types `unnest` needs for batch inserts, in the order of the column lists.
@@ -95,8 +96,8 @@ LOCK_RUNS = (
 # in commit order; the CTE is joined, so the lock is taken before any row is formed.
 _INSERT_DECISIONS = (
     "WITH seq_lock AS (SELECT pg_advisory_xact_lock(%s, %s)) "
-    f"INSERT INTO decisions ({DECISION}, state) "
-    + _unnest(f"{DECISION}, state", _DECISION_TYPES + " text", join="seq_lock")
+    f"INSERT INTO decisions ({DECISION}, state, chain) "
+    + _unnest(f"{DECISION}, state, chain", _DECISION_TYPES + " text text", join="seq_lock")
     + " ON CONFLICT (run_id, epoch) DO NOTHING RETURNING decision_id"
 )
 _SELECT_STORED = (
@@ -134,7 +135,7 @@ _WRITE_REST = (
 SELECT_CONTEXTS = (
     "SELECT k.ord, k.epoch, a.version, sp.version, pin.version, r.attempt, r.last_epoch, "
     f"{qualified('o', OVERRIDE)}, "
-    f"{qualified('d', DECISION)}, d.state, d.shadow_version, d.shadow_state "
+    f"{qualified('d', DECISION)}, d.state, d.shadow_version, d.shadow_state, d.chain "
     "FROM unnest(%b::text[], %b::bigint[], %b::boolean[], %b::text[], %b::text[], %b::text[]) "
     "WITH ORDINALITY AS k (run_id, epoch, pinned, dataset, configuration, fold, ord) "
     "LEFT JOIN runs AS r ON r.run_id = k.run_id "
@@ -149,7 +150,7 @@ SELECT_CONTEXTS = (
     f"LEFT JOIN LATERAL (SELECT {OVERRIDE} FROM overrides "
     "WHERE run_id = k.run_id AND cleared_at IS NULL ORDER BY id DESC LIMIT 1) AS o ON true "
     f"LEFT JOIN LATERAL (SELECT {qualified('d', DECISION)}, d.state, "
-    "s.policy_version AS shadow_version, s.state AS shadow_state "
+    "s.policy_version AS shadow_version, s.state AS shadow_state, d.chain "
     "FROM decisions AS d LEFT JOIN shadow_decisions AS s "
     "ON s.run_id = d.run_id AND s.epoch = d.epoch "
     "WHERE d.run_id = k.run_id AND d.epoch <= k.epoch "
@@ -226,9 +227,12 @@ def record_segment(conn: Connection, records: list[DecisionRecord]) -> list[Deci
     No pipeline mode here: libpq ends a pipeline with a Flush, after which the server
     no longer arms idle_in_transaction_session_timeout until the next statement, and
     a replica stopped right then would hold its locks for good."""
-    rows = [(*_decision_row(r.decision, aware(r.decision.decided_at)), r.state) for r in records]
+    rows = [
+        (*_decision_row(r.decision, aware(r.decision.decided_at)), r.state, r.chain)
+        for r in records
+    ]
     insert = conn.execute(
-        _INSERT_DECISIONS, (LOCK_CLASS, SEQUENCE_LOCK, *_columns(rows, N_DECISION + 1))
+        _INSERT_DECISIONS, (LOCK_CLASS, SEQUENCE_LOCK, *_columns(rows, N_DECISION + 2))
     )
     inserted = {row[0] for row in insert.fetchall()}
     new = [r for r in records if r.decision.decision_id in inserted]

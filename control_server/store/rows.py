@@ -442,8 +442,9 @@ def codec(
         """From `start` on, each row holds the active, shadow and pinned versions,
         the run's latest attempt and newest epoch (NULLs: a new run), the OVERRIDE
         columns of the run's active override, then the DECISION columns of the
-        decision at `epoch` or the latest before it, its state, and the shadow
-        version and state stored beside it: 1 or 2 rows, newest first (NULLs: none)."""
+        decision at `epoch` or the latest before it, its state, the shadow version
+        and state stored beside it and its chain: 1 or 2 rows, newest first (NULLs:
+        none)."""
         head = rows[0]
         active, shadow, pinned = head[start], head[start + 1], head[start + 2]
         attempt, last_epoch = head[start + 3], head[start + 4]
@@ -457,11 +458,13 @@ def codec(
         previous_epoch: int | None = None
         previous_state: str | None = None
         previous_shadow_state: str | None = None
+        previous_chain: str | None = None
         if decisions:
             previous_epoch = decisions[0][2]
             previous_state = decisions[0][N_DECISION]
             if shadow is not None and decisions[0][N_DECISION + 1] == shadow:
                 previous_shadow_state = decisions[0][N_DECISION + 2]
+            previous_chain = decisions[0][N_DECISION + 3]
         return RunContext(
             existing=existing,
             previous_state=previous_state,
@@ -473,6 +476,7 @@ def codec(
             previous_shadow_state=previous_shadow_state,
             attempt=attempt or 0,
             last_epoch=None if last_epoch is None or last_epoch < 0 else last_epoch,
+            previous_chain=previous_chain,
         )
 
     return Codec(

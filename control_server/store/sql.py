@@ -21,6 +21,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+from control_server.chain import ChainedEpoch, RegistryEntry, register
 from control_server.domain import (
     Decision,
     DecisionFilter,
@@ -43,6 +44,7 @@ from control_server.store.base import Store
 from control_server.store.rows import (
     ATTEMPT,
     DECISION,
+    N_DECISION,
     N_REPORT,
     NEW_OVERRIDE,
     OVERRIDE,
@@ -85,8 +87,8 @@ _SUPERSEDE = (
     f"INSERT INTO superseded_reports ({REPORT}, attempt, superseded_by) "
     f"SELECT {qualified('p', REPORT)}, d.attempt, ? FROM reports AS p JOIN decisions AS d "
     "ON d.run_id = p.run_id AND d.epoch = p.epoch WHERE p.run_id = ? AND p.epoch > ?",
-    f"INSERT INTO superseded_decisions ({DECISION}, state, superseded_by) "
-    f"SELECT {DECISION}, state, ? FROM decisions WHERE run_id = ? AND epoch > ?",
+    f"INSERT INTO superseded_decisions ({DECISION}, state, chain, superseded_by) "
+    f"SELECT {DECISION}, state, chain, ? FROM decisions WHERE run_id = ? AND epoch > ?",
     "DELETE FROM shadow_decisions WHERE run_id = ? AND epoch > ?",
     "DELETE FROM decisions WHERE run_id = ? AND epoch > ?",
     "DELETE FROM reports WHERE run_id = ? AND epoch > ?",
@@ -515,6 +517,7 @@ class SqlStore(Store, Generic[S]):
                         c.real(attempt.initial_lr or 0.0),
                     ),
                 )
+                self._register_runs(s, [(run_id, attempt.started_at)])
             else:
                 number = row[0] + 1
                 reset = attempt.resume_from_epoch is None
@@ -608,6 +611,49 @@ class SqlStore(Store, Generic[S]):
             # The run began reporting without a StartRun: its implicit first attempt.
             attempts.insert(0, RunAttempt(run_id=run_id, attempt=1, started_at=c.dt(run[0])))
         return attempts
+
+    def chained_history(self, run_id: str) -> list[ChainedEpoch]:
+        c = self.codec
+        with self._reading() as s:
+            rows = s.execute(
+                f"SELECT {qualified('p', REPORT)}, {qualified('d', DECISION)}, d.state, d.chain "
+                "FROM reports AS p JOIN decisions AS d "
+                "ON d.run_id = p.run_id AND d.epoch = p.epoch WHERE p.run_id = ? ORDER BY p.epoch",
+                (run_id,),
+            ).fetchall()
+        end = N_REPORT + N_DECISION
+        return [
+            ChainedEpoch(
+                c.report_from(r[:N_REPORT]), c.decision_from(r[N_REPORT:end]), r[end], r[end + 1]
+            )
+            for r in rows
+        ]
+
+    def run_registry(self) -> list[RegistryEntry]:
+        with self._reading() as s:
+            rows = s.execute(
+                "SELECT seq, run_id, registered_at, hash FROM run_registry ORDER BY seq"
+            ).fetchall()
+        return [RegistryEntry(r[0], r[1], self.codec.dt(r[2]), r[3]) for r in rows]
+
+    def _lock_registry(self, s: S) -> None:
+        """Serialise registry entries with other writers (SQLite: its write lock does)."""
+
+    def _register_runs(self, s: S, runs: Sequence[tuple[str, datetime]]) -> None:
+        """Enter new runs in the chained run registry (inside the caller's transaction)."""
+        if not runs:
+            return
+        self._lock_registry(s)
+        row = s.execute("SELECT hash FROM run_registry ORDER BY seq DESC LIMIT 1").fetchone()
+        previous: str | None = row[0] if row is not None else None
+        for run_id, at in runs:
+            if s.execute("SELECT 1 FROM run_registry WHERE run_id = ?", (run_id,)).fetchone():
+                continue
+            previous = register(previous, run_id, at)
+            s.execute(
+                "INSERT INTO run_registry (run_id, registered_at, hash) VALUES (?, ?, ?)",
+                (run_id, self.codec.time(at), previous),
+            )
 
     def recent_epoch_times(self, run_ids: Sequence[str], count: int) -> dict[str, list[datetime]]:
         times: dict[str, list[datetime]] = {run_id: [] for run_id in run_ids}

@@ -75,7 +75,7 @@ _context_from = CODEC.context_from
 
 
 _INSERT_DECISION = (
-    insert("decisions", f"{DECISION}, state") + " ON CONFLICT (run_id, epoch) DO NOTHING"
+    insert("decisions", f"{DECISION}, state, chain") + " ON CONFLICT (run_id, epoch) DO NOTHING"
 )
 _INSERT_REPORT = insert("reports", REPORT)
 _UPSERT_RUN = insert("runs", RUN) + " " + upsert_run("min", "max")
@@ -109,7 +109,7 @@ _SELECT_CONTEXT = (
     f"LEFT JOIN policy_pins AS pin ON pin.id = ({_BEST_PIN}) "
     "LEFT JOIN overrides AS o ON o.id = "
     "(SELECT max(id) FROM overrides WHERE run_id = ? AND cleared_at IS NULL) "
-    f"LEFT JOIN (SELECT {qualified('d', DECISION)}, d.state, s.policy_version, s.state "
+    f"LEFT JOIN (SELECT {qualified('d', DECISION)}, d.state, s.policy_version, s.state, d.chain "
     "FROM decisions AS d LEFT JOIN shadow_decisions AS s "
     "ON s.run_id = d.run_id AND s.epoch = d.epoch "
     "WHERE d.run_id = ? AND d.epoch <= ? ORDER BY d.epoch DESC LIMIT 2) AS d ON 1"
@@ -382,13 +382,15 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
         results: list[Decision | None] = []
         reports: list[tuple[Any, ...]] = []
         runs: list[tuple[Any, ...]] = []
+        new_runs: list[tuple[str, datetime]] = []
         cache = self._contexts()
         with self._transaction(write=True) as conn:
             for record in records:
                 decision = record.decision
                 decided_at = _ts(decision.decided_at)
                 cursor = conn.execute(
-                    _INSERT_DECISION, (*_decision_row(decision, decided_at), record.state)
+                    _INSERT_DECISION,
+                    (*_decision_row(decision, decided_at), record.state, record.chain),
                 )
                 if cursor.rowcount == 1:
                     if record.consumed_override is not None:
@@ -417,6 +419,8 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
                             ),
                         )
                     reports.append(_report_row(record.report))
+                    if record.new_run:
+                        new_runs.append((decision.run_id, decision.decided_at))
                     runs.append(_run_row(record.report, decided_at))
                     results.append(decision)
                     if cache is not None:
@@ -432,6 +436,7 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
             if reports:
                 conn.executemany(_INSERT_REPORT, reports)
                 conn.executemany(_UPSERT_RUN, runs)
+                self._register_runs(conn, new_runs)
         return results
 
     def load_context(self, run_id: str, epoch: int, labels: RunLabels | None = None) -> RunContext:

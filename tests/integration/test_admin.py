@@ -153,12 +153,13 @@ def test_a_once_override_applies_exactly_once_under_concurrent_reports(stubs: St
         pb.SetOverrideRequest(run_id="run-race", lr=0.02, once=True, allow_unknown_run=True)
     )
     run = Trainer("run-race")
-    # Every epoch sent at once, each twice (a retry racing its original): the
+    # Every epoch sent four times at once (retries racing their original): the
     # context is read, decided on and written in one transaction, so exactly one
     # decision takes the override, and each epoch gets one decision.
-    requests = [run.report(e) for e in range(8)] * 2
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        decisions = list(pool.map(stubs.control.ReportEpoch, requests))
+    decisions: list[pb.Decision] = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for epoch in range(8):
+            decisions += pool.map(stubs.control.ReportEpoch, [run.report(epoch)] * 4)
     by_epoch = {d.epoch: d.decision_id for d in decisions}
     assert sorted(by_epoch) == list(range(8))
     assert {d.decision_id for d in decisions} == set(by_epoch.values())
@@ -687,11 +688,11 @@ def test_list_decisions_filters(stubs: Stubs) -> None:
 
 def test_get_run_lists_everything_in_order(stubs: Stubs) -> None:
     run = Trainer("run-order")
-    stubs.control.ReportEpoch(run.report(2))
-    stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-order", lr=0.003, once=True))
     stubs.control.ReportEpoch(run.report(0))
-    stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-order", hold_interventions=True))
+    stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-order", lr=0.003, once=True))
     stubs.control.ReportEpoch(run.report(1))
+    stubs.admin.SetOverride(pb.SetOverrideRequest(run_id="run-order", hold_interventions=True))
+    stubs.control.ReportEpoch(run.report(2))
 
     detail = stubs.admin.GetRun(pb.GetRunRequest(run_id="run-order"))
     assert [e.report.epoch for e in detail.epochs] == [0, 1, 2]
@@ -853,22 +854,30 @@ def test_operator_stops_and_rollbacks_replay_identically(
     assert "1 runs, 11 decisions, 0 differ" in result.stdout
 
 
-def test_reports_that_arrived_out_of_order_replay_as_they_were_decided(
+def test_reports_out_of_order_are_refused_and_the_record_replays(
     make_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
+    """Epochs going backwards are refused (FAILED_PRECONDITION), so the recorded
+    history is in order and replays exactly; skipped epochs are fine."""
     server = make_server()
     losses = [0.5, 0.4, 0.45, 0.3, 0.31, 0.32, -0.0, 0.33, 0.34, 0.35, 0.36, 0.37]
     order = [0, 1, 5, 2, 3, 7, 4, 6, 11, 8, 9, 10]
+    refused = []
     with grpc.insecure_channel(server.target) as channel:
         control = pb_grpc.TrainingControlStub(channel)
         run = Trainer("run-shuffled")
         for epoch in order:
-            control.ReportEpoch(run.report(epoch, val_loss=losses[epoch]))
+            try:
+                control.ReportEpoch(run.report(epoch, val_loss=losses[epoch]))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                refused.append(epoch)
     server.stop()
+    assert refused == [2, 3, 4, 6, 8, 9, 10]
     store = f"sqlite:///{tmp_path}/control.db"
     result = cli("replay", "--store", store, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 runs, 12 decisions, 0 differ" in result.stdout
+    assert "1 runs, 5 decisions, 0 differ" in result.stdout
 
 
 def test_the_server_stays_live_while_an_admin_write_waits_for_the_store(

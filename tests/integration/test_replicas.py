@@ -211,9 +211,10 @@ def test_overrides_and_policy_changes_made_through_one_replica_apply_on_all(
             run_id="run-ops", lr=0.02, once=True, exceed_lr_cap=True, reason="warm restart"
         )
     )
-    applied = run.apply(b.control.ReportEpoch(run.report(2)))
+    report = run.report(2)
+    applied = run.apply(b.control.ReportEpoch(report))
     assert (applied.source, applied.override_id) == (pb.OVERRIDE, override.override_id)
-    assert c.control.ReportEpoch(run.report(2)) == applied  # a retry, elsewhere
+    assert c.control.ReportEpoch(report) == applied  # a retry, elsewhere
     assert run.apply(c.control.ReportEpoch(run.report(3))).source == pb.POLICY
 
     # A held override set through C holds on A until cleared through B.

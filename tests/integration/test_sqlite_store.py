@@ -58,6 +58,7 @@ SHIPPED = [
     (2, "0002_operators.sql"),
     (3, "0003_attempts.sql"),
     (4, "0004_override_actions.sql"),
+    (5, "0005_chains.sql"),
 ]
 LATEST = len(SHIPPED)
 #: The file name of a migration the package does not ship (a later one, in a test).
