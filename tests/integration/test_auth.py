@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from control_server.tokens import TokenTable, create_token
 from tests.conftest import ServerProcess, ServerThread
 from tests.factories import epoch_report
 from tests.integration.test_cli import cli
-from tests.integration.test_readme_grpcurl import grpcurl_binary
+from tests.integration.test_readme_grpcurl import readme_env
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 
@@ -33,7 +34,7 @@ ADMIN_SERVICE = "trainingcontrol.v1.ControlAdmin"
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 # The spec's roles, written out independently of control_server.auth's table.
-TRAINER_RPCS = {f"/{CONTROL}/ReportEpoch"}
+TRAINER_RPCS = {f"/{CONTROL}/{name}" for name in ("StartRun", "ReportEpoch", "FinishRun")}
 OPERATOR_RPCS = {
     f"/{ADMIN_SERVICE}/{name}"
     for name in (
@@ -212,7 +213,8 @@ def test_health_and_reflection_need_no_token(channel: grpc.Channel) -> None:
 def test_grpcurl_lists_without_a_token_and_calls_with_one(
     auth_server: ServerThread, tokens: Tokens
 ) -> None:
-    binary = grpcurl_binary()
+    binary = shutil.which("grpcurl", path=readme_env()["PATH"])
+    assert binary is not None
     listed = subprocess.run(
         [binary, "-plaintext", auth_server.target, "list"],
         capture_output=True,
