@@ -476,6 +476,8 @@ def override_to_proto(override: Override) -> pb.Override:
     )
     if override.lr is not None:
         msg.lr = override.lr
+    if override.rollback_epoch is not None:
+        msg.rollback_epoch = override.rollback_epoch
     if override.created_at is not None:
         msg.created_at.CopyFrom(_timestamp(override.created_at))
     if override.cleared_at is not None:

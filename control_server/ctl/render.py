@@ -279,7 +279,12 @@ def overrides_table(overrides: Iterable[pb.Override]) -> str:
             _weights(o.loss_weights),
             _yes(o.hold_interventions),
             _yes(o.once),
-            pb.Action.Name(o.action) if o.action else "-",
+            (
+                pb.Action.Name(o.action)
+                + (f" of epoch {o.rollback_epoch}" if o.HasField("rollback_epoch") else "")
+                if o.action
+                else "-"
+            ),
             _yes(o.exceed_lr_cap),
             o.actor or "-",
             _when(o.created_at),

@@ -399,6 +399,7 @@ def test_an_operator_rollback_undoes_the_last_intervention_at_the_next_report(
     )
     assert (rollback.action, rollback.once) == (pb.ROLLBACK, True)
     assert rollback.lr == pytest.approx(0.001)  # what it restores: the LR of epoch 5
+    assert rollback.rollback_epoch == 5
     [rolled] = run.run(stubs, [6])
     assert (rolled.action, rolled.source) == (pb.ROLLBACK, pb.OVERRIDE)
     assert rolled.lr == pytest.approx(0.001)

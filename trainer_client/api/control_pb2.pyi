@@ -354,7 +354,7 @@ class GetRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[RunSummary, _Mapping]] = ..., epochs: _Optional[_Iterable[_Union[RunEpoch, _Mapping]]] = ..., overrides: _Optional[_Iterable[_Union[Override, _Mapping]]] = ..., attempts: _Optional[_Iterable[_Union[RunAttempt, _Mapping]]] = ..., superseded: _Optional[_Iterable[_Union[RunEpoch, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Override(_message.Message):
-    __slots__ = ("override_id", "run_id", "lr", "loss_weights", "hold_interventions", "once", "reason", "actor", "created_at", "cleared_at", "cleared_by", "action", "exceed_lr_cap", "replaced_override_id")
+    __slots__ = ("override_id", "run_id", "lr", "loss_weights", "hold_interventions", "once", "reason", "actor", "created_at", "cleared_at", "cleared_by", "action", "exceed_lr_cap", "replaced_override_id", "rollback_epoch")
     class LossWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -376,6 +376,7 @@ class Override(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     EXCEED_LR_CAP_FIELD_NUMBER: _ClassVar[int]
     REPLACED_OVERRIDE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_EPOCH_FIELD_NUMBER: _ClassVar[int]
     override_id: int
     run_id: str
     lr: float
@@ -390,7 +391,8 @@ class Override(_message.Message):
     action: Action
     exceed_lr_cap: bool
     replaced_override_id: int
-    def __init__(self, override_id: _Optional[int] = ..., run_id: _Optional[str] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., hold_interventions: _Optional[bool] = ..., once: _Optional[bool] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_by: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., exceed_lr_cap: _Optional[bool] = ..., replaced_override_id: _Optional[int] = ...) -> None: ...
+    rollback_epoch: int
+    def __init__(self, override_id: _Optional[int] = ..., run_id: _Optional[str] = ..., lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., hold_interventions: _Optional[bool] = ..., once: _Optional[bool] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cleared_by: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., exceed_lr_cap: _Optional[bool] = ..., replaced_override_id: _Optional[int] = ..., rollback_epoch: _Optional[int] = ...) -> None: ...
 
 class SetOverrideRequest(_message.Message):
     __slots__ = ("run_id", "lr", "loss_weights", "hold_interventions", "once", "reason", "action", "allow_unknown_run", "exceed_lr_cap")
