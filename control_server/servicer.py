@@ -25,7 +25,7 @@ from control_server.identity import current_actor
 from control_server.redact import client_details, redact
 from control_server.report_epoch import utc_now
 from control_server.runs import RunLifecycle
-from control_server.watch import Watches, WatchLimitReached
+from control_server.watch import Watches
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
 from trainer_client.errors import status_of
@@ -230,12 +230,8 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.Decision]:
         try:
             watch = self._watches.open(convert.watch_filter_from_proto(request), current_actor())
-        except DomainError as exc:
+        except DomainError as exc:  # WatchLimitReached included: RESOURCE_EXHAUSTED
             await _abort("WatchDecisions", context, exc)
-            return
-        except WatchLimitReached as exc:
-            logger.warning("[WatchDecisions] RESOURCE_EXHAUSTED: %s", exc)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return
         try:
             await watch.open()

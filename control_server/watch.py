@@ -22,7 +22,13 @@ import asyncio
 import logging
 from collections import deque
 
-from control_server.domain import Decision, DecisionFilter, DomainError, StoreUnavailable
+from control_server.domain import (
+    Decision,
+    DecisionFilter,
+    DomainError,
+    ResourceExhausted,
+    StoreUnavailable,
+)
 from control_server.store import Store
 
 __all__ = ["DecisionWatch", "WatchLimitReached", "Watches"]
@@ -42,7 +48,7 @@ MAX_BUFFERED = 4096
 _EVERYTHING = DecisionFilter(limit=0)
 
 
-class WatchLimitReached(Exception):
+class WatchLimitReached(ResourceExhausted):
     """Opening one more watch would exceed a cap; the message names it and its flag."""
 
 
