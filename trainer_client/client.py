@@ -19,6 +19,7 @@ the run keeps its last good state.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -41,7 +42,9 @@ from trainer_client.config import ClientConfig
 from trainer_client.errors import (
     ControlError,
     ControlProtocolError,
+    ControlRejected,
     ControlSetupError,
+    ControlUnauthorized,
     ControlUnavailable,
     from_rpc_error,
 )
@@ -231,7 +234,10 @@ class ControlClient:
         self._dropped = 0
         self._delivered = 0
         self._refused = 0
+        #: True while the server has not answered since a call it missed (or since
+        #: reports held by an earlier process were restored); warned once per loss.
         self._lost = False
+        self._warned_lost = False
 
     @property
     def config(self) -> ClientConfig:
@@ -276,9 +282,11 @@ class ControlClient:
 
     def hold_reports(self, serialized: Iterable[bytes]) -> None:
         """Hold reports saved by `held_reports` (a resumed training's checkpoint); they
-        are delivered late, before anything else, once the server answers."""
+        are delivered late, before anything else, once the server answers (and the
+        warning that control is back counts them)."""
         for data in serialized:
             self._hold(control_pb2.EpochReport.FromString(data))
+            self._lost = True
 
     def _hold(self, report: control_pb2.EpochReport) -> None:
         if self._held.maxlen == 0:
@@ -321,10 +329,13 @@ class ControlClient:
             request.resume_from_epoch = resume_from_epoch
         self._state = state
         self._pending_start = None
+        # A new attempt: unknown until StartRun answers (a checkpoint's is an earlier one).
+        state.attempt = self._attempt = 0
         try:
             # Reports an earlier attempt held (restored from its checkpoint) go first:
             # once the next attempt is open, the server refuses the earlier one's.
-            self._deliver_held(earlier_attempts_only=True)
+            with contextlib.suppress(ControlUnauthorized):  # StartRun names what to fix
+                self._deliver_held(earlier_attempts_only=True)
             start = self._start(request)
         except Exception as error:
             return self._start_failed(request, error)
@@ -584,19 +595,18 @@ class ControlClient:
                 return
             try:
                 self._send(report)
-            except ControlUnavailable:
-                raise
-            except ControlError as error:
+            except (ControlRejected, ControlProtocolError) as error:
+                # The server refused this report (e.g. its epoch is recorded differently):
+                # it will not take it later either.
                 self._refused += 1
                 logger.debug("late report of epoch %d refused: %s", report.epoch, error)
             self._held.popleft()
             self._delivered += 1
 
     def _lose_control(self, rpc: str, run_id: str, epoch: int | None, error: BaseException) -> None:
-        if self._lost:
+        if self._warned_lost:
             return
-        self._lost = True
-        self._delivered = self._refused = 0
+        self._lost = self._warned_lost = True
         at = f" epoch={epoch}" if epoch is not None else ""
         logger.warning(
             "[%s] run=%s%s control lost, training goes on unchanged; reports are held (up to "
@@ -624,7 +634,7 @@ class ControlClient:
             refused,
             dropped,
         )
-        self._lost = False
+        self._lost = self._warned_lost = False
         self._delivered = self._refused = self._dropped = 0
 
     # -- FinishRun ------------------------------------------------------------------------

@@ -734,6 +734,32 @@ def test_reports_during_an_outage_are_delivered_late_with_one_warning_each_way(
     assert f"control is back: {len(late)} held reports delivered late" in back
 
 
+def test_reports_held_by_an_earlier_process_go_before_its_next_attempt(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resumed training hands the client the reports its checkpoint held: they are
+    delivered late as the earlier attempt's before StartRun opens the next one (the
+    server refuses a superseded attempt's reports)."""
+    caplog.set_level(logging.WARNING, logger="trainer_client.client")
+    state = RunState(run_id="restored-run", initial_lr=0.01, current_lr=0.01)
+    with client_for(server.target, fail_open=False) as first:
+        start(first, state)
+        first.report(state.build_report(0, train_loss=0.5))
+    held = state.build_report(1, train_loss=0.49)  # the crashed process could not send it
+    with client_for(server.target, fail_open=False) as resumed:
+        resumed.hold_reports([held.SerializeToString()])
+        assert start(resumed, state, resume_from_epoch=1).attempt == 2
+        resumed.report(state.build_report(2, train_loss=0.48))
+    run = get_run(server.target, "restored-run")
+    assert [(e.report.epoch, e.report.attempt, e.report.late) for e in run.epochs] == [
+        (0, 1, False),
+        (1, 1, True),
+        (2, 2, False),
+    ]
+    [back] = warnings_from_client(caplog)
+    assert "control is back: 1 held reports delivered late" in back
+
+
 def test_held_reports_are_bounded_and_the_dropped_ones_counted(
     server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:

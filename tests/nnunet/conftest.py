@@ -169,7 +169,8 @@ def make_trainer(
 
 
 class ScriptedControl(pb_grpc.TrainingControlServicer):  # type: ignore[misc]
-    """Answers each epoch with the scripted decision (NONE otherwise); records the reports.
+    """Answers each epoch with the scripted decision (NONE otherwise); records the reports,
+    and the StartRun and FinishRun requests (each StartRun opens the next attempt).
 
     With ``hang=True`` it never answers: every call waits until the server stops.
     """
@@ -178,7 +179,27 @@ class ScriptedControl(pb_grpc.TrainingControlServicer):  # type: ignore[misc]
         self.script = script
         self.hang = hang
         self.reports: list[pb.EpochReport] = []
+        self.starts: list[pb.StartRunRequest] = []
+        self.finishes: list[pb.FinishRunRequest] = []
         self.released = threading.Event()
+
+    def StartRun(
+        self, request: pb.StartRunRequest, context: grpc.ServicerContext
+    ) -> pb.StartRunResponse:
+        self.starts.append(request)
+        if self.hang:
+            self.released.wait(60)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+        attempt = len(self.starts)
+        return pb.StartRunResponse(
+            attempt=attempt, policy_version="scripted", message=f"scripted attempt {attempt}"
+        )
+
+    def FinishRun(
+        self, request: pb.FinishRunRequest, context: grpc.ServicerContext
+    ) -> pb.FinishRunResponse:
+        self.finishes.append(request)
+        return pb.FinishRunResponse(status=request.status)
 
     def ReportEpoch(self, request: pb.EpochReport, context: grpc.ServicerContext) -> pb.Decision:
         self.reports.append(request)

@@ -67,6 +67,15 @@ def test_train_then_continue_with_final_validation(
         run = pb_grpc.ControlAdminStub(channel).GetRun(pb.GetRunRequest(run_id=RUN_ID), timeout=10)
     assert [e.report.epoch for e in run.epochs] == [0, 1, 2]
     assert run.run.labels.trainer == "nnUNetTrainerControlled"
+    # Each process opened an attempt and said how it ended: the first without a final
+    # validation, the second (resumed from epoch 1's checkpoint) with its Dice.
+    first_attempt, second_attempt = run.attempts
+    assert (first_attempt.status, first_attempt.metrics.HasField("mean_dice")) == (
+        pb.COMPLETED,
+        False,
+    )
+    assert (second_attempt.status, second_attempt.resume_from_epoch) == (pb.COMPLETED, 1)
+    assert 0 <= second_attempt.metrics.mean_dice <= 1
     fold = nnunet_paths / "Dataset042_Disc" / "nnUNetTrainerControlled__nnUNetPlans__2d" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
     assert (fold / "validation" / "summary.json").is_file()

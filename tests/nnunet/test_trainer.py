@@ -7,6 +7,7 @@ next epoch's steps, the loss object's weights, the parameters after a rollback.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -16,10 +17,14 @@ import grpc
 import pytest
 import torch
 
+from control_server.auth import Role
+from control_server.tokens import create_token
 from tests.conftest import ServerThread
 from tests.nnunet.conftest import RecordingTrainer, ScriptedServer
+from tests.tcp_proxy import TcpProxy
 from trainer_client.api import control_pb2 as pb
 from trainer_client.api import control_pb2_grpc as pb_grpc
+from trainer_client.errors import ControlSetupError, ControlUnavailable
 from trainer_client.nnunet import CONTROL_LOG_KEY, SNAPSHOT_FILE, CompositeLoss
 
 HERE = Path(__file__).resolve().parent
@@ -111,8 +116,11 @@ def test_a_real_policy_steers_the_lr_and_loss_weights_the_optimizer_uses(
 
 @pytest.mark.timeout(240)
 def test_rollback_restores_the_snapshot_a_bad_decision_is_refused_and_stop_ends_cleanly(
-    scripted_server: Callable[..., ScriptedServer], make_trainer: Callable[..., RecordingTrainer]
+    scripted_server: Callable[..., ScriptedServer],
+    make_trainer: Callable[..., RecordingTrainer],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="trainer_client.client")
     server = scripted_server(
         {
             0: INTERVENE_AT_0,
@@ -144,16 +152,28 @@ def test_rollback_restores_the_snapshot_a_bad_decision_is_refused_and_stop_ends_
     assert trainer.checksums[1] != pytest.approx(trainer.checksums[0])
     assert trainer.lr_of(2) == pytest.approx(0.0095, rel=1e-12)
     assert trainer.weights_of(2)[0] == REFERENCE
-    # The unknown component at 2: refused, logged, nothing changed.
+    # The unknown component and the LR 50x the initial one at 2: the client refuses
+    # the decision (one warning), nothing changed.
+    [refused] = [r.getMessage() for r in caplog.records if r.name == "trainer_client.client"]
+    assert "epoch=2" in refused and "decision lr must be at most the client's cap 0.1" in refused
     log = next(Path(trainer.output_folder).glob("training_log_*.txt")).read_text()
-    assert "ERROR: epoch 2: refused INTERVENE scripted-2: tversky: unknown loss component" in log
+    assert "epoch 2: no decision; LR and loss weights unchanged" in log
     assert trainer.weights_of(3)[0] == REFERENCE
     assert trainer.lr_of(3) == pytest.approx(0.0095 * poly(3, 10) / poly(2, 10), rel=1e-12)
-    assert [e.outcome for e in trainer.control_events] == ["applied", "applied", "refused", "stop"]
+    assert [e.outcome for e in trainer.control_events] == [
+        "applied",
+        "applied",
+        "no decision",
+        "stop",
+    ]
     assert server.servicer.reports[3].intervention_count == 1
-    # STOP at 3: no epoch 4, and the final checkpoint is written.
+    # STOP at 3: no epoch 4, and the final checkpoint is written; FinishRun says STOPPED.
     assert max(e for e, _, _ in trainer.steps) == 3
     assert [r.epoch for r in server.servicer.reports] == [0, 1, 2, 3]
+    trainer.finish_control()
+    [finish] = server.servicer.finishes
+    assert (finish.status, finish.attempt) == (pb.STOPPED, 1)
+    assert finish.metrics.best_ema_epoch in range(4)
     final = torch.load(
         Path(trainer.output_folder) / "checkpoint_final.pth", map_location="cpu", weights_only=False
     )
@@ -189,6 +209,8 @@ def test_resume_after_a_crash_keeps_run_id_interventions_lr_and_weights(
         epochs=epochs, server=server.target, continue_training=True, env={"TRAINCTL_RUN_ID": ""}
     )
     checkpoint = Path(resumed.output_folder) / "checkpoint_latest.pth"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert saved["logging"][CONTROL_LOG_KEY][-1]["attempt"] == 1
     resumed.load_checkpoint(str(checkpoint))
     assert resumed.current_epoch == 2
     assert resumed.run_id == "crash-run"
@@ -204,6 +226,16 @@ def test_resume_after_a_crash_keeps_run_id_interventions_lr_and_weights(
     assert {r.run_id for r in server.servicer.reports} == {"crash-run"}
     assert all(r.intervention_count == 1 for r in after)
     assert after[0].current_lr == pytest.approx(expected_lr_2)
+    # StartRun at each start, the resume with the checkpoint's epoch; every report
+    # names its attempt, which the checkpoint keeps; the crash ended attempt 1 FAILED.
+    first, second = server.servicer.starts
+    assert not first.HasField("resume_from_epoch")
+    assert second.resume_from_epoch == 1 and second.run_id == "crash-run"
+    assert [r.attempt for r in server.servicer.reports] == [1, 1, 2, 2]
+    assert resumed.logger.get_value(CONTROL_LOG_KEY, step=-1)["attempt"] == 2
+    failed = server.servicer.finishes[0]
+    assert failed.status == pb.FAILED and failed.attempt == 1
+    assert failed.error == "RuntimeError: simulated crash after epoch 1"
     # nnU-Net's own logs run on seamlessly: one entry per epoch.
     assert len(resumed.logger.get_value("lrs", step=None)) == epochs
     assert len(resumed.logger.get_value(CONTROL_LOG_KEY, step=None)) == epochs
@@ -293,8 +325,9 @@ def assert_unchanged_training(
     assert [e.outcome for e in trainer.control_events] == ["no decision"] * epochs
     # At most the deadline per epoch (plus scheduling slack on a busy machine).
     assert all(e.seconds <= deadline_s + 1.0 for e in trainer.control_events)
-    warnings = [r for r in caplog.records if r.name == "trainer_client.client"]
-    assert len(warnings) == epochs and all(r.levelno == logging.WARNING for r in warnings)
+    # One warning when control was lost (at StartRun), not one per epoch.
+    [lost] = [r for r in caplog.records if r.name == "trainer_client.client"]
+    assert lost.levelno == logging.WARNING and "control lost" in lost.getMessage()
     assert (Path(trainer.output_folder) / "checkpoint_final.pth").is_file()
 
 
@@ -320,7 +353,8 @@ def test_a_server_that_never_answers_costs_at_most_the_deadline_per_epoch(
     trainer.run_training()
     assert_unchanged_training(trainer, 2, 0.5, caplog)
     assert all(e.seconds >= 0.4 for e in trainer.control_events)
-    assert len(server.servicer.reports) >= 2
+    # StartRun at the start, then again before each epoch's report: it never answered.
+    assert len(server.servicer.starts) == 3 and server.servicer.reports == []
 
 
 @pytest.mark.timeout(240)
@@ -330,6 +364,122 @@ def test_with_fail_open_off_an_absent_server_stops_the_training(
     trainer = make_trainer(
         epochs=2, server=None, deadline_s=0.5, env={"TRAINCTL_FAIL_OPEN": "false"}
     )
-    with pytest.raises(RuntimeError, match="rank 0 failed to report: ControlUnavailable"):
+    with pytest.raises(ControlUnavailable):
         trainer.run_training()
-    assert max(e for e, _, _ in trainer.steps) == 0
+    assert trainer.steps == []  # StartRun failed: not one epoch ran
+
+
+# --- the run's lifecycle against a real server ---------------------------------------------
+
+
+class CuttingTrainer(RecordingTrainer):
+    """Cuts `proxy` (the only way to the server) once epoch `cut_after_epoch` ended."""
+
+    proxy: TcpProxy | None = None
+    cut_after_epoch = 0
+
+    def on_epoch_end(self) -> None:
+        try:
+            super().on_epoch_end()
+        finally:
+            if self.proxy is not None and self.current_epoch - 1 == self.cut_after_epoch:
+                self.proxy.cut()
+
+
+@pytest.mark.timeout(240)
+def test_an_outage_then_a_crash_then_a_resume_leaves_no_hole_and_finish_run_has_the_dice(
+    server: ServerThread,
+    make_trainer: Callable[..., RecordingTrainer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Epoch 0 reaches the server; then the network is cut, epoch 1's report is held and
+    checkpointed, and the training crashes. Resumed with --c once the network is back,
+    it delivers epoch 1 late, opens attempt 2 from the checkpoint's epoch, trains on,
+    validates, and FinishRun records the final Dice and the best EMA pseudo Dice."""
+    caplog.set_level(logging.WARNING, logger="trainer_client.client")
+    epochs = 4
+    with TcpProxy(server.port) as proxy:
+        target = f"127.0.0.1:{proxy.port}"
+        crashing = make_trainer(
+            epochs=epochs,
+            server=target,
+            deadline_s=2.0,
+            save_every=1,
+            env={"TRAINCTL_RUN_ID": "life-run"},
+            trainer_class=CuttingTrainer,
+        )
+        assert isinstance(crashing, CuttingTrainer)
+        crashing.proxy = proxy
+        crashing.crash_after_epoch = 1
+        with pytest.raises(RuntimeError, match="simulated crash after epoch 1"):
+            crashing.run_training()
+        assert [e.outcome for e in crashing.control_events] == ["none", "no decision"]
+        lost, unrecorded = (r.getMessage() for r in caplog.records)
+        assert "epoch=1 control lost" in lost
+        assert "[FinishRun]" in unrecorded and "1 held reports never delivered" in unrecorded
+        caplog.clear()
+
+        proxy.restore()
+        # The same trainer class (its name is in the output folder), not cutting this time.
+        resumed = make_trainer(
+            epochs=epochs,
+            server=target,
+            deadline_s=2.0,
+            continue_training=True,
+            trainer_class=CuttingTrainer,
+        )
+        resumed.load_checkpoint(str(Path(resumed.output_folder) / "checkpoint_latest.pth"))
+        assert resumed.run_id == "life-run" and resumed.run_state.attempt == 1
+        resumed.run_training()
+        resumed.perform_actual_validation(False)
+
+    [back] = [r.getMessage() for r in caplog.records]
+    assert "control is back: 1 held reports delivered late" in back
+    run = get_run(server.target, "life-run")
+    assert [(e.report.epoch, e.report.attempt, e.report.late) for e in run.epochs] == [
+        (0, 1, False),
+        (1, 1, True),
+        (2, 2, False),
+        (3, 2, False),
+    ]
+    first, second = run.attempts
+    assert first.status in (pb.ACTIVE, pb.STALE)  # its FAILED could not be delivered
+    assert second.resume_from_epoch == 1
+    assert second.trainer_name == "CuttingTrainer"
+    assert "nnunetv2" in second.trainer_version
+    assert second.status == pb.COMPLETED
+    summary = json.loads((Path(resumed.output_folder) / "validation" / "summary.json").read_text())
+    metrics = second.metrics
+    assert metrics.mean_dice == pytest.approx(summary["foreground_mean"]["Dice"])
+    assert dict(metrics.dice_per_class) == pytest.approx({"1": summary["mean"]["1"]["Dice"]})
+    ema = resumed.logger.get_value("ema_fg_dice", step=None)
+    assert metrics.best_ema_pseudo_dice == pytest.approx(max(ema))
+    assert metrics.best_ema_epoch == ema.index(max(ema))
+    log = Path(resumed.log_file).read_text()
+    assert "training control: run life-run COMPLETED" in log
+    assert "continues from epoch 1" in log  # the server's StartRun message
+
+
+@pytest.mark.timeout(240)
+def test_a_wrong_token_stops_the_training_before_its_first_epoch(
+    make_server: Callable[..., ServerThread],
+    make_trainer: Callable[..., RecordingTrainer],
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tokens.json"
+    create_token(path, "gpu-1", Role.TRAINER)
+    server = make_server(auth_file=path)
+    env = {"TRAINCTL_TOKEN": "wrong"}
+    trainer = make_trainer(epochs=1, server=server.target, env=env)
+    with pytest.raises(ControlSetupError, match="set TRAINCTL_TOKEN") as caught:
+        trainer.run_training()
+    assert caught.value.variable == "TRAINCTL_TOKEN"
+    assert trainer.steps == []
+    log = Path(trainer.log_file).read_text()
+    assert "ERROR: the training does not start:" in log and "TRAINCTL_TOKEN" in log
+    # TRAINCTL_FAIL_OPEN=always: the operator chose to train without control.
+    trainer = make_trainer(
+        epochs=1, server=server.target, env={**env, "TRAINCTL_FAIL_OPEN": "always"}
+    )
+    trainer.run_training()
+    assert [e.outcome for e in trainer.control_events] == ["no decision"]

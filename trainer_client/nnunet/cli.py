@@ -19,6 +19,7 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+from trainer_client.errors import ControlSetupError
 from trainer_client.nnunet.trainer import nnUNetTrainerControlled
 
 __all__ = ["build_trainer", "main"]
@@ -144,9 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
     if not args.val:
-        trainer.run_training()
+        try:
+            trainer.run_training()
+        except ControlSetupError as error:
+            # Raised before the first epoch: one line naming the variable to fix.
+            print(f"trainctl-nnunet: {error}", file=sys.stderr)
+            return 2
     if not args.no_final_validation:
         trainer.perform_actual_validation(args.npz)
+    else:
+        trainer.finish_control()
     return 0
 
 

@@ -7,17 +7,29 @@ the decided LR and the decay goes on from there), the loss weights of its
 `CompositeLoss`, a ROLLBACK to the `Snapshot` taken before the intervention
 it undoes, or STOP. The control state is logged once per epoch in nnU-Net's
 logger, which every checkpoint saves, so a resumed run keeps its run id,
-intervention count, LR and weights.
+intervention count, LR and weights, its attempt, and the reports held for late
+delivery while the server was unreachable.
+
+The run's lifecycle: `on_train_start` calls StartRun (with the checkpoint's epoch
+after ``--c``); a setup mistake (token, role, TLS, address) stops the training
+there, before its first epoch, unless TRAINCTL_FAIL_OPEN=always. FinishRun says
+how it ended: FAILED with the error as soon as training or validation raises;
+COMPLETED or STOPPED after the final validation (`perform_actual_validation`),
+with its mean Dice per class and overall and the best EMA pseudo Dice and its
+epoch, or from `finish_control` when no validation follows.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import math
 import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +42,7 @@ from torch import autocast, nn
 from trainer_client.api import control_pb2
 from trainer_client.client import DEFAULT_LOSS_WEIGHTS, ControlClient, RunState
 from trainer_client.config import ClientConfig
+from trainer_client.errors import ControlError
 from trainer_client.nnunet.ddp import rank_zero_first, share_decision
 from trainer_client.nnunet.loss import CompositeLoss, LossTerms, check_loss_weights
 from trainer_client.nnunet.snapshot import (
@@ -135,6 +148,13 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         #: saved in the control state, so a resumed run knows which snapshot file is its.
         self._snapshot_epoch: int | None = None
         self._stop_requested = False
+        #: The epoch of the checkpoint this training resumed from (None: from scratch).
+        self._resumed_from: int | None = None
+        #: Reports a checkpoint held for late delivery (serialized), for the new client.
+        self._restored_held: list[bytes] = []
+        #: How the run ended, once training ended; sent by FinishRun after validation.
+        self._finish_status: control_pb2.RunStatus.ValueType | None = None
+        self._validated = False
         self.logger.local_logger.my_fantastic_logging.setdefault(CONTROL_LOG_KEY, [])
 
     # -- set-up ---------------------------------------------------------------------------
@@ -214,18 +234,47 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        # Only now: the data loaders (and their worker processes) exist, and a
-        # gRPC channel must not be inherited through a fork.
-        if self.local_rank == 0:
-            self._client = ControlClient(self.control_config)
         config = self.control_config
+        mode = "always" if config.fail_open_on_setup else "outage" if config.fail_open else "never"
         self.print_to_log_file(
             f"{_PREFIX} run {self.run_id}, server {config.target}, "
-            f"deadline {config.deadline_s:g} s, "
-            f"fail-open {'on' if config.fail_open else 'off'}, "
+            f"deadline {config.deadline_s:g} s, fail-open {mode}, "
             f"loss weights {_fmt_weights(self._loss_weights())}, "
             f"interventions so far {self._control().intervention_count}"
         )
+        # Only now: the data loaders (and their worker processes) exist, and a
+        # gRPC channel must not be inherited through a fork.
+        failure: Exception | None = None
+        if self.local_rank == 0:
+            self._client = ControlClient(config)
+            try:
+                self._start_run(self._client)
+            except Exception as exc:  # a setup mistake, or any failure with fail-open off
+                failure = exc
+                self.print_to_log_file(f"{_PREFIX} ERROR: the training does not start: {exc}")
+                self._client.close()
+                self._client = None
+        try:
+            share_decision(None, f"{type(failure).__name__}: {failure}" if failure else None)
+        except RuntimeError:
+            # Every rank stops; rank 0 with its own error, which names what to fix.
+            if failure is not None:
+                raise failure from None
+            raise
+
+    def _start_run(self, client: ControlClient) -> None:
+        """Hand the client the reports a checkpoint held, then StartRun."""
+        client.hold_reports(self._restored_held)
+        self._restored_held = []
+        start = client.start_run(
+            self._control(),
+            trainer_name=type(self).__name__,
+            trainer_version=_versions(),
+            resume_from_epoch=self._resumed_from,
+        )
+        if start.message:
+            warning = "WARNING: " if start.history_reset else ""
+            self.print_to_log_file(f"{_PREFIX} {warning}{start.message}")
 
     # -- one epoch ------------------------------------------------------------------------
 
@@ -297,8 +346,16 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         super().on_epoch_end()
 
     def run_training(self) -> None:
-        """nnU-Net's loop, which also ends when a STOP was applied."""
+        """nnU-Net's loop, which also ends when a STOP was applied. An exception ends
+        the run as FAILED (FinishRun) and goes on up."""
         self.on_train_start()
+        try:
+            self._train_epochs()
+        except BaseException as error:
+            self._finish(control_pb2.FAILED, error=_error_text(error))
+            raise
+
+    def _train_epochs(self) -> None:
         while self.current_epoch < self.num_epochs and not self._stop_requested:
             self.on_epoch_start()
             self.on_train_epoch_start()
@@ -320,17 +377,85 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
                 f"{_PREFIX} stopped by the server after epoch {self.current_epoch - 1}"
             )
         self.on_train_end()
+        # FinishRun waits for the final validation's Dice (or `finish_control`).
+        self._finish_status = control_pb2.STOPPED if self._stop_requested else control_pb2.COMPLETED
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's final validation, then FinishRun with its Dice (FAILED if it raises)."""
+        try:
+            super().perform_actual_validation(save_probabilities)
+        except BaseException as error:
+            self._finish(control_pb2.FAILED, error=_error_text(error))
+            raise
+        self._validated = True
+        self.finish_control()
+
+    def finish_control(self) -> None:
+        """Send FinishRun for a training that ended (COMPLETED or STOPPED) with its final
+        metrics, and close the client; for when no final validation follows. Does
+        nothing before the training ended, or once done."""
+        if self._finish_status is not None:
+            self._finish(self._finish_status, metrics=self.final_metrics())
+
+    def _finish(
+        self,
+        status: control_pb2.RunStatus.ValueType,
+        *,
+        error: str = "",
+        metrics: control_pb2.FinalMetrics | None = None,
+    ) -> None:
+        client, self._client = self._client, None
+        self._finish_status = None
+        if client is None:
+            return
+        try:
+            recorded = client.finish_run(self.run_id, status, error=error, metrics=metrics)
+        except ControlError as failure:  # fail-open off: the run must hear of it
+            self.print_to_log_file(f"{_PREFIX} ERROR: FinishRun failed: {failure}")
+            raise
+        finally:
+            client.close()
+        if recorded:
+            self.print_to_log_file(
+                f"{_PREFIX} run {self.run_id} {control_pb2.RunStatus.Name(status)}"
+                + (f": {error}" if error else "")
+            )
+
+    def final_metrics(self) -> control_pb2.FinalMetrics:
+        """The final validation's Dice (mean and per class, from its summary.json, when it
+        ran in this process) and the best EMA pseudo Dice with its epoch."""
+        metrics = control_pb2.FinalMetrics()
+        summary_file = Path(self.output_folder) / "validation" / "summary.json"
+        if self._validated and summary_file.is_file():
+            try:
+                summary = json.loads(summary_file.read_text())
+            except (OSError, ValueError) as error:
+                self.print_to_log_file(f"{_PREFIX} WARNING: cannot read {summary_file}: {error}")
+                summary = {}
+            overall = _finite(summary.get("foreground_mean", {}).get("Dice"))
+            if overall is not None:
+                metrics.mean_dice = overall
+            for label, values in summary.get("mean", {}).items():
+                dice = _finite(values.get("Dice")) if isinstance(values, dict) else None
+                if dice is not None:
+                    metrics.dice_per_class[str(label)] = dice
+        logged = self.logger.local_logger.my_fantastic_logging.get("ema_fg_dice", [])
+        finite = [(v, epoch) for epoch, v in enumerate(map(_finite, logged)) if v is not None]
+        if finite:
+            # nnU-Net's _best_ema: the first epoch that reached the highest EMA.
+            best, epoch = max(finite, key=lambda pair: (pair[0], -pair[1]))
+            metrics.best_ema_pseudo_dice, metrics.best_ema_epoch = best, epoch
+        return metrics
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def load_checkpoint(self, filename_or_checkpoint: dict[str, Any] | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
+        # The checkpoint was written after this epoch; StartRun continues from it.
+        self._resumed_from = self.current_epoch - 1 if self.current_epoch > 0 else None
         self._restore_control_state()
 
     def _restore_control_state(self) -> None:
@@ -354,6 +479,9 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
                 f"run id {saved['run_id']}"
             )
         run.intervention_count = int(saved["intervention_count"])
+        # Absent in older checkpoints: attempt 0 and nothing held.
+        run.attempt = int(saved.get("attempt", 0))
+        self._restored_held = list(saved.get("held_reports", []))
         run.loss_weights = dict(saved["loss_weights"])
         self.lr_scheduler.initial_lr = float(saved["lr_base"])
         self._stop_requested = bool(saved["stopped"])
@@ -366,10 +494,11 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
                 f"{_PREFIX} WARNING: the checkpoint was trained for {saved['num_epochs']} epochs, "
                 f"this run for {self.num_epochs}: the decided LR shifts with the PolyLR horizon"
             )
+        held = f", {len(self._restored_held)} reports held" if self._restored_held else ""
         self.print_to_log_file(
-            f"{_PREFIX} resumed run {run.run_id} at epoch {self.current_epoch}: "
-            f"{run.intervention_count} interventions, next LR {self._next_epoch_lr():.6g}, "
-            f"loss weights {_fmt_weights(run.loss_weights)}"
+            f"{_PREFIX} resumed run {run.run_id} at epoch {self.current_epoch} (a checkpoint "
+            f"of attempt {run.attempt}): {run.intervention_count} interventions, next LR "
+            f"{self._next_epoch_lr():.6g}, loss weights {_fmt_weights(run.loss_weights)}{held}"
         )
 
     def _control_state(self) -> dict[str, Any]:
@@ -383,6 +512,9 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
             "stopped": self._stop_requested,
             "num_epochs": int(self.num_epochs),
             "snapshot_epoch": self._snapshot_epoch,
+            "attempt": run.attempt,
+            # Reports no server answered yet (rank 0's), delivered late after a resume.
+            "held_reports": self._client.held_reports() if self._client is not None else [],
         }
 
     # -- report, decide, apply --------------------------------------------------------------
@@ -415,6 +547,10 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
                 error = f"{type(exc).__name__}: {exc}"
         decision = share_decision(decision, error)
         outcome = self._apply(epoch, decision)
+        history = self.logger.local_logger.my_fantastic_logging[CONTROL_LOG_KEY]
+        if history and isinstance(history[-1], dict):
+            # Only the latest entry holds the held reports: every checkpoint saves them all.
+            history[-1].pop("held_reports", None)
         self.logger.local_logger.log(CONTROL_LOG_KEY, self._control_state(), epoch)
         self.control_events.append(
             ControlEvent(
@@ -600,6 +736,31 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
     def _poly_factor(self, epoch: int) -> float:
         scheduler = self.lr_scheduler
         return float(max(0.0, 1.0 - epoch / scheduler.max_steps) ** scheduler.exponent)
+
+
+def _finite(value: Any) -> float | None:
+    """`value` as a float when it is a finite number (numpy's included), else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _versions() -> str:
+    """'training-control 0.1.0 / nnunetv2 2.8.1' (a version unknown: '?')."""
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+
+    return f"training-control {version('training-control')} / nnunetv2 {version('nnunetv2')}"
 
 
 def _fmt_weights(weights: Mapping[str, float]) -> str:
