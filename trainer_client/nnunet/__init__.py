@@ -3,7 +3,8 @@
 The only package of the project that imports torch or nnunetv2. The trainer is
 an `nnUNetTrainer` with the base ``__init__`` signature, configured through the
 environment (``TRAINCTL_SERVER``, ``TRAINCTL_TOKEN``, ``TRAINCTL_RUN_ID``,
-``TRAINCTL_DEADLINE_S``, ``TRAINCTL_FAIL_OPEN``; see `ClientConfig.from_env`).
+``TRAINCTL_DEADLINE_S``, ``TRAINCTL_FAIL_OPEN``, ``TRAINCTL_TLS_*``; see
+`ClientConfig.from_env`).
 After every epoch it reports to the control server and applies the decision at
 the epoch boundary:
 
@@ -26,7 +27,13 @@ the epoch boundary:
   checkpoint;
 - the control state is logged once per epoch in nnU-Net's logger, which every
   checkpoint saves, so ``--c`` resumes with the same run id, intervention
-  count, LR and weights;
+  count, LR and weights, and the reports held while the server was unreachable
+  (delivered late once it is back);
+- the run's lifecycle: StartRun when training starts (after ``--c`` with the
+  checkpoint's epoch: a new attempt), where a setup mistake (token, role, TLS,
+  address) stops the training before its first epoch unless
+  ``TRAINCTL_FAIL_OPEN=always``; FinishRun when it ends: FAILED with the error,
+  or COMPLETED/STOPPED after the final validation with its Dice;
 - under DDP only rank 0 talks to the server; the decision is broadcast and
   every rank applies it.
 
