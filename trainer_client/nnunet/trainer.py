@@ -394,8 +394,12 @@ class nnUNetTrainerControlled(nnUNetTrainer):  # type: ignore[misc]  # nnunetv2 
         """Send FinishRun for a training that ended (COMPLETED or STOPPED) with its final
         metrics, and close the client; for when no final validation follows. Does
         nothing before the training ended, or once done."""
-        if self._finish_status is not None:
-            self._finish(self._finish_status, metrics=self.final_metrics())
+        if self._finish_status is None:
+            return
+        if self._client is None:  # not rank 0, or no control: nothing to tell
+            self._finish_status = None
+            return
+        self._finish(self._finish_status, metrics=self.final_metrics())
 
     def _finish(
         self,
