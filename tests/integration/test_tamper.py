@@ -9,11 +9,14 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.factories import epoch_report
 from tests.integration.test_cli import EAGER_POLICY, cli, flat_run
+from trainer_client.api import control_pb2_grpc as pb_grpc
 
 Tamper = Callable[[sqlite3.Connection], None]
 
@@ -137,3 +140,19 @@ def test_the_chains_verify_on_postgresql(pg_url: str, tmp_path: Path) -> None:
         conn.execute("UPDATE reports SET train_loss = 0.1 WHERE run_id='run-pg' AND epoch=2")
     code, tampered, out = replay(pg_url, tmp_path)
     assert code == 1 and any("run run-pg epoch 2" in line for line in tampered), out
+
+
+def test_a_server_decides_nothing_with_an_edited_policy(recorded: str, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "control.db") as db:
+        _policy_edit(db)
+    db.close()
+    server = ServerProcess("--store", recorded, cwd=tmp_path)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.TrainingControlStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ReportEpoch(epoch_report("run-x", 12, val_loss=0.5, current_lr=0.001))
+    finally:
+        _, log = server.terminate()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "hashes to" in log and "the store was edited" in log
