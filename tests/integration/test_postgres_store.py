@@ -42,15 +42,8 @@ from control_server.store.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, 
 from tests.conftest import ServerThread
 from tests.factories import epoch_report, make_record, make_report
 from tests.integration.test_cli import cli
+from tests.integration.test_sqlite_store import SHIPPED
 from trainer_client.api import control_pb2_grpc as pb_grpc
-
-SHIPPED = [
-    (1, "0001_initial.sql"),
-    (2, "0002_operators.sql"),
-    (3, "0003_attempts.sql"),
-    (4, "0004_override_actions.sql"),
-    (5, "0005_chains.sql"),
-]
 
 
 @pytest.fixture
