@@ -79,6 +79,19 @@ SERVING = re.compile(r"control-server: serving on [^:]+:(\d+)")
 # --- a server subprocess --------------------------------------------------------------
 
 
+def _running_in_group(pgid: int) -> bool:
+    """Whether a process of group `pgid` has not exited yet (zombies have: their files
+    are closed)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 class Served:
     """`control-server serve --listen 127.0.0.1:0 --store URL` as a subprocess."""
 
@@ -123,6 +136,12 @@ class Served:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=20)
+        # The decider child gets the SIGKILL too, but may still be exiting, its files
+        # open (a remount would find them busy): wait until none of the group runs.
+        deadline = time.monotonic() + 20
+        while _running_in_group(self.proc.pid):
+            assert time.monotonic() < deadline, f"group {self.proc.pid} outlived SIGKILL"
+            time.sleep(0.02)
 
     def terminate(self) -> tuple[int, str]:
         """SIGTERM (a clean stop); return the exit code and the whole output."""
