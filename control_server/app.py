@@ -187,11 +187,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
     health_servicer = health.aio.HealthServicer()
     store_health = StoreHealth(store, health_servicer, (*SERVICE_NAMES, ""))
+
+    def committed(rows: int, seconds: float) -> None:
+        metrics.observe_commit(rows, seconds)
+        store_health.committed()
+
     try:
         decider = await Decider.start(
-            config.store_url,
-            observer=metrics.observe_commit,
-            on_unavailable=store_health.probe_now,
+            config.store_url, observer=committed, on_unavailable=store_health.probe_now
         )
     except BaseException:
         store.close()

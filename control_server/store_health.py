@@ -6,6 +6,8 @@ the health service lets a load balancer (or the container's HEALTHCHECK) route
 to a replica that can. The front end probes with a real write every
 `PROBE_INTERVAL_S` (`Store.check_writable`, in a worker thread: ReportEpoch
 never waits for it), and at once when the decider's store refused a batch. A
+batch the decider committed since the last probe is proof enough: then no
+probe is written (on SQLite it would take the write lock from the reports). A
 probe that takes longer than `PROBE_TIMEOUT_S` (a hung database) counts as a
 failure while it runs; only one probe runs at a time.
 """
@@ -65,9 +67,15 @@ class StoreHealth:
         self._probe: asyncio.Future[None] | None = None
         #: Whether the last probe committed its write.
         self.serving = True
+        #: Whether the decider committed a batch since the last probe.
+        self._committed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def committed(self) -> None:
+        """The decider committed a batch: the store takes writes."""
+        self._committed = True
 
     def probe_now(self) -> None:
         """Probe before the next interval (the decider's store just refused a batch)."""
@@ -84,8 +92,13 @@ class StoreHealth:
 
     async def _run(self) -> None:
         while True:
+            woken = self._wake.is_set()
             self._wake.clear()
-            await self._probe_once()
+            if self._committed and self.serving and not woken:
+                self._committed = False  # a commit proved it: no probe this interval
+            else:
+                self._committed = False
+                await self._probe_once()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
 
