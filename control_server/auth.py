@@ -71,6 +71,10 @@ _OPERATOR_RPCS: dict[str, tuple[str, ...]] = {
         "SetOverride",
         "ClearOverride",
         "ListOverrides",
+        "GetEffectSummary",
+        "GetExperiment",
+        "ListExperiments",
+        "GetExperimentReport",
     )
 }
 _ADMIN_RPCS: dict[str, tuple[str, ...]] = {
@@ -80,6 +84,9 @@ _ADMIN_RPCS: dict[str, tuple[str, ...]] = {
         "PinPolicy",
         "UnpinPolicy",
         "SetShadowPolicy",
+        "StartExperiment",
+        "PromoteExperiment",
+        "EndExperiment",
     )
 }
 _ADMIN_ONLY = frozenset({Role.ADMIN})

@@ -34,6 +34,12 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOPPED: _ClassVar[RunStatus]
     FAILED: _ClassVar[RunStatus]
     STALE: _ClassVar[RunStatus]
+
+class ExperimentStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPERIMENT_STATUS_UNSPECIFIED: _ClassVar[ExperimentStatus]
+    RUNNING: _ClassVar[ExperimentStatus]
+    ENDED: _ClassVar[ExperimentStatus]
 ACTION_UNSPECIFIED: Action
 NONE: Action
 INTERVENE: Action
@@ -49,6 +55,9 @@ COMPLETED: RunStatus
 STOPPED: RunStatus
 FAILED: RunStatus
 STALE: RunStatus
+EXPERIMENT_STATUS_UNSPECIFIED: ExperimentStatus
+RUNNING: ExperimentStatus
+ENDED: ExperimentStatus
 
 class RunLabels(_message.Message):
     __slots__ = ("dataset", "configuration", "fold", "trainer", "plans", "host")
@@ -187,18 +196,22 @@ class StartRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., trainer_name: _Optional[str] = ..., trainer_version: _Optional[str] = ..., resume_from_epoch: _Optional[int] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
-    __slots__ = ("attempt", "policy_version", "history_reset", "superseded_epochs", "message")
+    __slots__ = ("attempt", "policy_version", "history_reset", "superseded_epochs", "message", "experiment", "arm")
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_RESET_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     attempt: int
     policy_version: str
     history_reset: bool
     superseded_epochs: int
     message: str
-    def __init__(self, attempt: _Optional[int] = ..., policy_version: _Optional[str] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    experiment: str
+    arm: str
+    def __init__(self, attempt: _Optional[int] = ..., policy_version: _Optional[str] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., message: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class FinishRunRequest(_message.Message):
     __slots__ = ("run_id", "attempt", "status", "error", "metrics")
@@ -260,7 +273,7 @@ class RunAttempt(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resume_from_epoch: _Optional[int] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., trainer_name: _Optional[str] = ..., trainer_version: _Optional[str] = ..., policy_version: _Optional[str] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ...) -> None: ...
 
 class RunSummary(_message.Message):
-    __slots__ = ("run_id", "labels", "last_epoch", "report_count", "intervention_count", "current_lr", "last_decision", "first_seen", "last_seen", "status", "attempt", "rollback_count", "best_value", "final_metrics", "finished_at", "error")
+    __slots__ = ("run_id", "labels", "last_epoch", "report_count", "intervention_count", "current_lr", "last_decision", "first_seen", "last_seen", "status", "attempt", "rollback_count", "best_value", "final_metrics", "finished_at", "error", "experiment", "arm")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LAST_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +290,8 @@ class RunSummary(_message.Message):
     FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     labels: RunLabels
     last_epoch: int
@@ -293,7 +308,9 @@ class RunSummary(_message.Message):
     final_metrics: FinalMetrics
     finished_at: _timestamp_pb2.Timestamp
     error: str
-    def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., last_epoch: _Optional[int] = ..., report_count: _Optional[int] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., last_decision: _Optional[_Union[Decision, _Mapping]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., rollback_count: _Optional[int] = ..., best_value: _Optional[float] = ..., final_metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    experiment: str
+    arm: str
+    def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., last_epoch: _Optional[int] = ..., report_count: _Optional[int] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., last_decision: _Optional[_Union[Decision, _Mapping]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., rollback_count: _Optional[int] = ..., best_value: _Optional[float] = ..., final_metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("dataset", "configuration", "fold", "limit", "status")
@@ -316,26 +333,64 @@ class ListRunsResponse(_message.Message):
     def __init__(self, runs: _Optional[_Iterable[_Union[RunSummary, _Mapping]]] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
-    __slots__ = ("run_id", "from_epoch", "page_size", "page_token")
+    __slots__ = ("run_id", "from_epoch", "page_size", "page_token", "effect_horizon")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_HORIZON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     from_epoch: int
     page_size: int
     page_token: str
-    def __init__(self, run_id: _Optional[str] = ..., from_epoch: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    effect_horizon: int
+    def __init__(self, run_id: _Optional[str] = ..., from_epoch: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., effect_horizon: _Optional[int] = ...) -> None: ...
 
 class RunEpoch(_message.Message):
-    __slots__ = ("report", "decision", "shadow")
+    __slots__ = ("report", "decision", "shadow", "effect")
     REPORT_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
     report: EpochReport
     decision: Decision
     shadow: Decision
-    def __init__(self, report: _Optional[_Union[EpochReport, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., shadow: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
+    effect: InterventionEffect
+    def __init__(self, report: _Optional[_Union[EpochReport, _Mapping]] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ..., shadow: _Optional[_Union[Decision, _Mapping]] = ..., effect: _Optional[_Union[InterventionEffect, _Mapping]] = ...) -> None: ...
+
+class InterventionEffect(_message.Message):
+    __slots__ = ("metric", "mode", "value_at_decision", "best_before", "best_after", "relative_change", "new_best", "epochs_to_new_best", "rolled_back", "rolled_back_at_epoch", "horizon", "epochs_observed", "grad_norm_bucket", "loss_mix", "kind")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_AT_DECISION_FIELD_NUMBER: _ClassVar[int]
+    BEST_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BEST_AFTER_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    NEW_BEST_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_TO_NEW_BEST_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_AT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    LOSS_MIX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    mode: str
+    value_at_decision: float
+    best_before: float
+    best_after: float
+    relative_change: float
+    new_best: bool
+    epochs_to_new_best: int
+    rolled_back: bool
+    rolled_back_at_epoch: int
+    horizon: int
+    epochs_observed: int
+    grad_norm_bucket: str
+    loss_mix: str
+    kind: str
+    def __init__(self, metric: _Optional[str] = ..., mode: _Optional[str] = ..., value_at_decision: _Optional[float] = ..., best_before: _Optional[float] = ..., best_after: _Optional[float] = ..., relative_change: _Optional[float] = ..., new_best: _Optional[bool] = ..., epochs_to_new_best: _Optional[int] = ..., rolled_back: _Optional[bool] = ..., rolled_back_at_epoch: _Optional[int] = ..., horizon: _Optional[int] = ..., epochs_observed: _Optional[int] = ..., grad_norm_bucket: _Optional[str] = ..., loss_mix: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
     __slots__ = ("run", "epochs", "overrides", "attempts", "superseded", "next_page_token")
@@ -601,3 +656,232 @@ class WatchDecisionsRequest(_message.Message):
     action: Action
     source: Source
     def __init__(self, run_id: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., source: _Optional[_Union[Source, str]] = ...) -> None: ...
+
+class GetEffectSummaryRequest(_message.Message):
+    __slots__ = ("selector", "policy_version", "horizon", "experiment")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    selector: RunSelector
+    policy_version: str
+    horizon: int
+    experiment: str
+    def __init__(self, selector: _Optional[_Union[RunSelector, _Mapping]] = ..., policy_version: _Optional[str] = ..., horizon: _Optional[int] = ..., experiment: _Optional[str] = ...) -> None: ...
+
+class EffectGroup(_message.Message):
+    __slots__ = ("key", "count", "complete", "new_best", "rolled_back", "mean_relative_change", "median_relative_change", "mean_epochs_to_new_best")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    NEW_BEST_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RELATIVE_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_RELATIVE_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_EPOCHS_TO_NEW_BEST_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    count: int
+    complete: int
+    new_best: int
+    rolled_back: int
+    mean_relative_change: float
+    median_relative_change: float
+    mean_epochs_to_new_best: float
+    def __init__(self, key: _Optional[str] = ..., count: _Optional[int] = ..., complete: _Optional[int] = ..., new_best: _Optional[int] = ..., rolled_back: _Optional[int] = ..., mean_relative_change: _Optional[float] = ..., median_relative_change: _Optional[float] = ..., mean_epochs_to_new_best: _Optional[float] = ...) -> None: ...
+
+class EffectSummary(_message.Message):
+    __slots__ = ("runs", "decisions", "by_policy", "by_kind", "by_grad_norm_bucket", "by_loss_mix")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    BY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    BY_KIND_FIELD_NUMBER: _ClassVar[int]
+    BY_GRAD_NORM_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    BY_LOSS_MIX_FIELD_NUMBER: _ClassVar[int]
+    runs: int
+    decisions: int
+    by_policy: _containers.RepeatedCompositeFieldContainer[EffectGroup]
+    by_kind: _containers.RepeatedCompositeFieldContainer[EffectGroup]
+    by_grad_norm_bucket: _containers.RepeatedCompositeFieldContainer[EffectGroup]
+    by_loss_mix: _containers.RepeatedCompositeFieldContainer[EffectGroup]
+    def __init__(self, runs: _Optional[int] = ..., decisions: _Optional[int] = ..., by_policy: _Optional[_Iterable[_Union[EffectGroup, _Mapping]]] = ..., by_kind: _Optional[_Iterable[_Union[EffectGroup, _Mapping]]] = ..., by_grad_norm_bucket: _Optional[_Iterable[_Union[EffectGroup, _Mapping]]] = ..., by_loss_mix: _Optional[_Iterable[_Union[EffectGroup, _Mapping]]] = ...) -> None: ...
+
+class ExperimentArm(_message.Message):
+    __slots__ = ("name", "policy_version", "observe_only", "share")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OBSERVE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    policy_version: str
+    observe_only: bool
+    share: float
+    def __init__(self, name: _Optional[str] = ..., policy_version: _Optional[str] = ..., observe_only: _Optional[bool] = ..., share: _Optional[float] = ...) -> None: ...
+
+class Experiment(_message.Message):
+    __slots__ = ("name", "description", "selector", "arms", "baseline_arm", "status", "started_at", "started_by", "ended_at", "ended_by", "promoted_arm", "assigned_runs")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ARM_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_BY_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_BY_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_ARM_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    selector: RunSelector
+    arms: _containers.RepeatedCompositeFieldContainer[ExperimentArm]
+    baseline_arm: str
+    status: ExperimentStatus
+    started_at: _timestamp_pb2.Timestamp
+    started_by: str
+    ended_at: _timestamp_pb2.Timestamp
+    ended_by: str
+    promoted_arm: str
+    assigned_runs: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., selector: _Optional[_Union[RunSelector, _Mapping]] = ..., arms: _Optional[_Iterable[_Union[ExperimentArm, _Mapping]]] = ..., baseline_arm: _Optional[str] = ..., status: _Optional[_Union[ExperimentStatus, str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_by: _Optional[str] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_by: _Optional[str] = ..., promoted_arm: _Optional[str] = ..., assigned_runs: _Optional[int] = ...) -> None: ...
+
+class StartExperimentRequest(_message.Message):
+    __slots__ = ("name", "description", "selector", "arms", "baseline_arm")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_ARM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    selector: RunSelector
+    arms: _containers.RepeatedCompositeFieldContainer[ExperimentArm]
+    baseline_arm: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., selector: _Optional[_Union[RunSelector, _Mapping]] = ..., arms: _Optional[_Iterable[_Union[ExperimentArm, _Mapping]]] = ..., baseline_arm: _Optional[str] = ...) -> None: ...
+
+class GetExperimentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListExperimentsRequest(_message.Message):
+    __slots__ = ("include_ended",)
+    INCLUDE_ENDED_FIELD_NUMBER: _ClassVar[int]
+    include_ended: bool
+    def __init__(self, include_ended: _Optional[bool] = ...) -> None: ...
+
+class ListExperimentsResponse(_message.Message):
+    __slots__ = ("experiments",)
+    EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    experiments: _containers.RepeatedCompositeFieldContainer[Experiment]
+    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ...) -> None: ...
+
+class GetExperimentReportRequest(_message.Message):
+    __slots__ = ("name", "pair_by", "confidence")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAIR_BY_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pair_by: str
+    confidence: float
+    def __init__(self, name: _Optional[str] = ..., pair_by: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class Distribution(_message.Message):
+    __slots__ = ("n", "mean", "median", "sd", "min", "max")
+    N_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    SD_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    mean: float
+    median: float
+    sd: float
+    min: float
+    max: float
+    def __init__(self, n: _Optional[int] = ..., mean: _Optional[float] = ..., median: _Optional[float] = ..., sd: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class ArmComparison(_message.Message):
+    __slots__ = ("paired", "n", "difference", "ci_low", "ci_high", "p_value", "win_rate", "method")
+    PAIRED_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    WIN_RATE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    paired: bool
+    n: int
+    difference: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    win_rate: float
+    method: str
+    def __init__(self, paired: _Optional[bool] = ..., n: _Optional[int] = ..., difference: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., p_value: _Optional[float] = ..., win_rate: _Optional[float] = ..., method: _Optional[str] = ...) -> None: ...
+
+class ArmReport(_message.Message):
+    __slots__ = ("arm", "runs", "runs_by_status", "interventions", "rollbacks", "stops", "final_dice", "epochs_to_best", "vs_baseline", "run_ids")
+    class RunsByStatusEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_BY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    STOPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_DICE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_TO_BEST_FIELD_NUMBER: _ClassVar[int]
+    VS_BASELINE_FIELD_NUMBER: _ClassVar[int]
+    RUN_IDS_FIELD_NUMBER: _ClassVar[int]
+    arm: ExperimentArm
+    runs: int
+    runs_by_status: _containers.ScalarMap[str, int]
+    interventions: int
+    rollbacks: int
+    stops: int
+    final_dice: Distribution
+    epochs_to_best: Distribution
+    vs_baseline: ArmComparison
+    run_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, arm: _Optional[_Union[ExperimentArm, _Mapping]] = ..., runs: _Optional[int] = ..., runs_by_status: _Optional[_Mapping[str, int]] = ..., interventions: _Optional[int] = ..., rollbacks: _Optional[int] = ..., stops: _Optional[int] = ..., final_dice: _Optional[_Union[Distribution, _Mapping]] = ..., epochs_to_best: _Optional[_Union[Distribution, _Mapping]] = ..., vs_baseline: _Optional[_Union[ArmComparison, _Mapping]] = ..., run_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExperimentReport(_message.Message):
+    __slots__ = ("experiment", "arms", "confidence", "pair_by")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    PAIR_BY_FIELD_NUMBER: _ClassVar[int]
+    experiment: Experiment
+    arms: _containers.RepeatedCompositeFieldContainer[ArmReport]
+    confidence: float
+    pair_by: str
+    def __init__(self, experiment: _Optional[_Union[Experiment, _Mapping]] = ..., arms: _Optional[_Iterable[_Union[ArmReport, _Mapping]]] = ..., confidence: _Optional[float] = ..., pair_by: _Optional[str] = ...) -> None: ...
+
+class PromoteExperimentRequest(_message.Message):
+    __slots__ = ("name", "arm", "pin", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    arm: str
+    pin: bool
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., arm: _Optional[str] = ..., pin: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class EndExperimentRequest(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

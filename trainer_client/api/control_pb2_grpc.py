@@ -272,6 +272,41 @@ class ControlAdminStub:
                 request_serializer=trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.SerializeToString,
                 response_deserializer=trainer__client_dot_api_dot_control__pb2.ShadowSummary.FromString,
                 _registered_method=True)
+        self.GetEffectSummary = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/GetEffectSummary',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.GetEffectSummaryRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.EffectSummary.FromString,
+                _registered_method=True)
+        self.StartExperiment = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/StartExperiment',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.StartExperimentRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/GetExperiment',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.ListExperiments = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/ListExperiments',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ListExperimentsResponse.FromString,
+                _registered_method=True)
+        self.GetExperimentReport = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/GetExperimentReport',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.GetExperimentReportRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ExperimentReport.FromString,
+                _registered_method=True)
+        self.PromoteExperiment = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/PromoteExperiment',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.PromoteExperimentRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.EndExperiment = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/EndExperiment',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.EndExperimentRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Experiment.FromString,
+                _registered_method=True)
 
 
 class ControlAdminServicer:
@@ -372,6 +407,55 @@ class ControlAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEffectSummary(self, request, context):
+        """Effects of interventions, overrides and rollbacks summed per policy version,
+        kind (intervention index), gradient-norm bucket and loss mix.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartExperiment(self, request, context):
+        """Assign new matching runs to arms from now on; FAILED_PRECONDITION when the
+        name is taken or a running experiment has the same selector.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperiments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperimentReport(self, request, context):
+        """Per arm: runs, interventions, final Dice, and the difference to the baseline arm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteExperiment(self, request, context):
+        """Activate (or pin to the selector) the arm's policy and end the experiment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndExperiment(self, request, context):
+        """End the experiment without promoting anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -449,6 +533,41 @@ def add_ControlAdminServicer_to_server(servicer, server):
                     servicer.GetShadowSummary,
                     request_deserializer=trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.FromString,
                     response_serializer=trainer__client_dot_api_dot_control__pb2.ShadowSummary.SerializeToString,
+            ),
+            'GetEffectSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEffectSummary,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.GetEffectSummaryRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.EffectSummary.SerializeToString,
+            ),
+            'StartExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExperiment,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.StartExperimentRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Experiment.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.GetExperimentRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Experiment.SerializeToString,
+            ),
+            'ListExperiments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperiments,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'GetExperimentReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperimentReport,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.GetExperimentReportRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ExperimentReport.SerializeToString,
+            ),
+            'PromoteExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteExperiment,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.PromoteExperimentRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Experiment.SerializeToString,
+            ),
+            'EndExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndExperiment,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.EndExperimentRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Experiment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -856,6 +975,195 @@ class ControlAdmin:
             '/trainingcontrol.v1.ControlAdmin/GetShadowSummary',
             trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.SerializeToString,
             trainer__client_dot_api_dot_control__pb2.ShadowSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEffectSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/GetEffectSummary',
+            trainer__client_dot_api_dot_control__pb2.GetEffectSummaryRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.EffectSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/StartExperiment',
+            trainer__client_dot_api_dot_control__pb2.StartExperimentRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/GetExperiment',
+            trainer__client_dot_api_dot_control__pb2.GetExperimentRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperiments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/ListExperiments',
+            trainer__client_dot_api_dot_control__pb2.ListExperimentsRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperimentReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/GetExperimentReport',
+            trainer__client_dot_api_dot_control__pb2.GetExperimentReportRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ExperimentReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/PromoteExperiment',
+            trainer__client_dot_api_dot_control__pb2.PromoteExperimentRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/EndExperiment',
+            trainer__client_dot_api_dot_control__pb2.EndExperimentRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Experiment.FromString,
             options,
             channel_credentials,
             insecure,
