@@ -32,7 +32,10 @@ __all__ = [
     "DecisionFilter",
     "DecisionPage",
     "DecisionRecord",
+    "Assignment",
     "DomainError",
+    "Experiment",
+    "ExperimentArm",
     "FailedPrecondition",
     "FinalMetrics",
     "InvalidArgument",
@@ -389,6 +392,9 @@ class RunSummary:
     final_metrics: FinalMetrics = field(default_factory=FinalMetrics)
     finished_at: datetime | None = None
     error: str = ""
+    #: The experiment and arm the run was assigned to ("": none).
+    experiment: str = ""
+    arm: str = ""
 
 
 @dataclass(frozen=True)
@@ -401,6 +407,55 @@ class RunFilter:
     limit: int = 100
     #: None matches every status.
     status: RunStatus | None = None
+
+
+@dataclass(frozen=True)
+class ExperimentArm:
+    """One arm of an experiment: a stored policy version (the built-in observe-only
+    version for `observe_only`) and its relative share of new runs."""
+
+    name: str
+    policy_version: str
+    share: float
+    observe_only: bool = False
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An A/B rollout: runs the selector matches are assigned an arm at StartRun.
+
+    `ended_at` is None while it runs; `promoted_arm` is set by a promote.
+    """
+
+    name: str
+    selector: RunSelector
+    arms: tuple[ExperimentArm, ...]
+    baseline_arm: str
+    started_at: datetime
+    started_by: str
+    description: str = ""
+    ended_at: datetime | None = None
+    ended_by: str = ""
+    promoted_arm: str = ""
+    assigned_runs: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.ended_at is None
+
+    def arm(self, name: str) -> ExperimentArm | None:
+        return next((a for a in self.arms if a.name == name), None)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The arm a run was assigned to, once, at its first StartRun."""
+
+    run_id: str
+    experiment: str
+    arm: str
+    policy_version: str
+    assigned_at: datetime
 
 
 @dataclass(frozen=True)
@@ -500,6 +555,14 @@ class RunContext:
     last_epoch: int | None = None
     #: The chain value stored at `previous_epoch` (None: none, or unchained).
     previous_chain: str | None = None
+    #: The policy version of the experiment arm the run was assigned to (None: none).
+    assigned_policy: str | None = None
+
+    @property
+    def steering_policy(self) -> str | None:
+        """The version that decides the run: its experiment arm's, else the most
+        specific pin's, else the active one (None: no policy is active)."""
+        return self.assigned_policy or self.pinned_policy or self.active_policy
 
 
 def _same_value(a: object, b: object) -> bool:
