@@ -212,7 +212,7 @@ class AdminService:
         lr = override.lr
         next_epoch = epochs[-1][0].epoch + 1 if epochs else 0
         context = self.store.load_context(override.run_id, next_epoch, labels)
-        version = context.pinned_policy or context.active_policy
+        version = context.steering_policy
         if lr is None or version is None or override.exceed_lr_cap:
             return
         doc = self._policies.get(version)

@@ -14,6 +14,7 @@ from control_server.admin import AdminService, store_policy
 from control_server.audit import AuditInterceptor
 from control_server.auth import AuthInterceptor
 from control_server.decider import Decider
+from control_server.experiments import ExperimentService
 from control_server.listen import ListenError, bind
 from control_server.metrics import Metrics, MetricsEndpoint, MetricsInterceptor
 from control_server.policy.document import PolicyDoc
@@ -214,7 +215,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
         interceptors.append(AuthInterceptor(tokens))
     server = grpc.aio.server(options=options, interceptors=interceptors)
     TrainingControlServicer(decider, watches, runs, metrics.count_decision).add_to_server(server)
-    ControlAdminServicer(admin, watches, config.max_message_bytes).add_to_server(server)
+    experiments = ExperimentService(store, runs)
+    ControlAdminServicer(admin, watches, experiments, config.max_message_bytes).add_to_server(
+        server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

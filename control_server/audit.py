@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 _ADMIN = pb.DESCRIPTOR.services_by_name["ControlAdmin"]
 #: Request JSON longer than this is cut (policy documents can be large).
 MAX_REQUEST_CHARS = 4096
-_TARGET_FIELDS = ("run_id", "version")
+_TARGET_FIELDS = ("run_id", "version", "name")
 #: Records one call: (request, context or None, began, error, actor, peer).
 _Record = Callable[[Any, Any, float, BaseException | None, str, str], None]
 #: Results of calls refused before they ran: counted per group, not written one by one.

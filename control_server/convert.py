@@ -14,8 +14,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from control_server.domain import (
     Action,
+    Assignment,
     Decision,
     DecisionFilter,
+    Experiment,
+    ExperimentArm,
     FinalMetrics,
     InvalidArgument,
     Override,
@@ -34,6 +37,8 @@ from control_server.domain import (
     Source,
     frozen_map,
 )
+from control_server.experiment_stats import Comparison, Distribution
+from control_server.experiments import ArmReport, ExperimentReport
 from control_server.policy.document import integer_fields
 from trainer_client.api import control_pb2 as pb
 from trainer_client.vocabulary import LABEL_KEYS, LossWeightError, check_loss_weights
@@ -199,6 +204,8 @@ def run_summary_to_proto(run: RunSummary) -> pb.RunSummary:
         rollback_count=run.rollback_count,
         final_metrics=metrics_to_proto(run.final_metrics),
         error=run.error,
+        experiment=run.experiment,
+        arm=run.arm,
     )
     if run.last_decision is not None:
         msg.last_decision.CopyFrom(decision_to_proto(run.last_decision))
@@ -268,13 +275,17 @@ def start_run_from_proto(msg: pb.StartRunRequest, now: datetime) -> tuple[RunAtt
     return attempt, labels_from_proto(msg.labels)
 
 
-def start_run_to_proto(attempt: RunAttempt, message: str) -> pb.StartRunResponse:
+def start_run_to_proto(
+    attempt: RunAttempt, message: str, assignment: Assignment | None
+) -> pb.StartRunResponse:
     return pb.StartRunResponse(
         attempt=attempt.attempt,
         policy_version=attempt.policy_version,
         history_reset=attempt.history_reset,
         superseded_epochs=attempt.superseded_epochs,
         message=message,
+        experiment=assignment.experiment if assignment else "",
+        arm=assignment.arm if assignment else "",
     )
 
 
@@ -565,4 +576,95 @@ def shadow_summary_to_proto(summary: ShadowSummary) -> pb.ShadowSummary:
         evaluated=summary.evaluated,
         differed=summary.differed,
         by_transition=dict(summary.by_transition),
+    )
+
+
+# --- experiments --------------------------------------------------------------------------
+
+
+def arms_from_proto(arms: Any) -> list[ExperimentArm]:
+    return [
+        ExperimentArm(
+            name=a.name,
+            policy_version=a.policy_version,
+            share=a.share if a.share else 1.0,
+            observe_only=a.observe_only,
+        )
+        for a in arms
+    ]
+
+
+def _arm_to_proto(arm: ExperimentArm) -> pb.ExperimentArm:
+    return pb.ExperimentArm(
+        name=arm.name,
+        policy_version=arm.policy_version,
+        observe_only=arm.observe_only,
+        share=arm.share,
+    )
+
+
+def experiment_to_proto(e: Experiment) -> pb.Experiment:
+    msg = pb.Experiment(
+        name=e.name,
+        description=e.description,
+        selector=pb.RunSelector(
+            dataset=e.selector.dataset,
+            configuration=e.selector.configuration,
+            fold=e.selector.fold,
+        ),
+        arms=[_arm_to_proto(a) for a in e.arms],
+        baseline_arm=e.baseline_arm,
+        status=pb.RUNNING if e.running else pb.ENDED,
+        started_at=_timestamp(e.started_at),
+        started_by=e.started_by,
+        ended_by=e.ended_by,
+        promoted_arm=e.promoted_arm,
+        assigned_runs=e.assigned_runs,
+    )
+    if e.ended_at is not None:
+        msg.ended_at.CopyFrom(_timestamp(e.ended_at))
+    return msg
+
+
+def _distribution_to_proto(d: Distribution) -> pb.Distribution:
+    msg = pb.Distribution(n=d.n)
+    for name in ("mean", "median", "sd", "min", "max"):
+        value = getattr(d, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def _comparison_to_proto(c: Comparison) -> pb.ArmComparison:
+    msg = pb.ArmComparison(paired=c.paired, n=c.n, method=c.method)
+    for name in ("difference", "ci_low", "ci_high", "p_value", "win_rate"):
+        value = getattr(c, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def _arm_report_to_proto(a: ArmReport) -> pb.ArmReport:
+    msg = pb.ArmReport(
+        arm=_arm_to_proto(a.arm),
+        runs=len(a.run_ids),
+        runs_by_status=dict(a.runs_by_status),
+        interventions=a.interventions,
+        rollbacks=a.rollbacks,
+        stops=a.stops,
+        final_dice=_distribution_to_proto(a.final_dice),
+        epochs_to_best=_distribution_to_proto(a.epochs_to_best),
+        run_ids=list(a.run_ids),
+    )
+    if a.vs_baseline is not None:
+        msg.vs_baseline.CopyFrom(_comparison_to_proto(a.vs_baseline))
+    return msg
+
+
+def experiment_report_to_proto(r: ExperimentReport) -> pb.ExperimentReport:
+    return pb.ExperimentReport(
+        experiment=experiment_to_proto(r.experiment),
+        arms=[_arm_report_to_proto(a) for a in r.arms],
+        confidence=r.confidence,
+        pair_by=r.pair_by,
     )

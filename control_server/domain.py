@@ -28,11 +28,11 @@ from trainer_client.vocabulary import (
 __all__ = [
     "LOSS_COMPONENTS",
     "Action",
+    "Assignment",
     "Decision",
     "DecisionFilter",
     "DecisionPage",
     "DecisionRecord",
-    "Assignment",
     "DomainError",
     "Experiment",
     "ExperimentArm",

@@ -107,7 +107,7 @@ class ReportEpoch:
                 f"{context.last_epoch}, the latest attempt {attempt} recorded; a training "
                 "that restarted must call StartRun (with resume_from_epoch when it resumes)"
             )
-        version = context.pinned_policy or context.active_policy
+        version = context.steering_policy
         if version is None:
             raise StoreUnavailable("no active policy is stored; start the server with --policy")
         doc = self.policies.get(version)

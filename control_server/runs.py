@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 
 from control_server.domain import (
+    Assignment,
     FinalMetrics,
     NotFound,
     RunAttempt,
@@ -24,6 +25,7 @@ from control_server.domain import (
     RunSummary,
     StoreUnavailable,
 )
+from control_server.experiments import assign_new_run
 from control_server.report_epoch import utc_now
 from control_server.store import Store
 
@@ -54,20 +56,25 @@ class RunLifecycle:
         self._clock = clock
         self.stale_factor = stale_factor
 
-    def start(self, attempt: RunAttempt, labels: RunLabels) -> tuple[RunAttempt, str]:
-        """Open the run's next attempt; the stored attempt and one sentence saying
-        what it did to the run's history (for both logs)."""
+    def start(
+        self, attempt: RunAttempt, labels: RunLabels, actor: str
+    ) -> tuple[RunAttempt, str, Assignment | None]:
+        """Open the run's next attempt: the stored attempt, one sentence saying what it
+        did to the run's history (for both logs), and the run's experiment arm (a new
+        run matching a running experiment is assigned one here, by `actor`)."""
+        now = self._clock()
+        assignment = assign_new_run(self.store, attempt.run_id, labels, actor, now)
         context = self.store.load_context(attempt.run_id, 0, labels)
-        version = context.pinned_policy or context.active_policy
+        version = assignment.policy_version if assignment else context.steering_policy
         if version is None:
             raise StoreUnavailable("no active policy is stored; start the server with --policy")
         stored = self.store.start_attempt(
-            replace(attempt, started_at=self._clock(), policy_version=version), labels
+            replace(attempt, started_at=now, policy_version=version), labels
         )
-        message = _start_message(stored)
+        message = _start_message(stored, assignment)
         level = logging.WARNING if stored.history_reset else logging.INFO
         logger.log(level, "[StartRun] %s", message)
-        return stored, message
+        return stored, message, assignment
 
     def finish(
         self, run_id: str, attempt: int, status: RunStatus, error: str, metrics: FinalMetrics
@@ -113,8 +120,10 @@ class RunLifecycle:
         return attempts
 
 
-def _start_message(a: RunAttempt) -> str:
+def _start_message(a: RunAttempt, assignment: Assignment | None = None) -> str:
     where = f"run {a.run_id!r} attempt {a.attempt}, steered by policy {a.policy_version}"
+    if assignment is not None:
+        where += f" (arm {assignment.arm!r} of experiment {assignment.experiment!r})"
     if a.attempt == 1:
         return f"{where}: a new run"
     if a.history_reset:

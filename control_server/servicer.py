@@ -21,6 +21,7 @@ from control_server import convert
 from control_server.admin import AdminService
 from control_server.decider import Decider
 from control_server.domain import DomainError, InvalidArgument, ResourceExhausted
+from control_server.experiments import ExperimentService
 from control_server.identity import current_actor
 from control_server.redact import client_details, redact
 from control_server.report_epoch import utc_now
@@ -111,8 +112,8 @@ class TrainingControlServicer:
     ) -> pb.StartRunResponse:
         def call() -> pb.StartRunResponse:
             attempt, labels = convert.start_run_from_proto(request, utc_now())
-            stored, message = self._runs.start(attempt, labels)
-            return convert.start_run_to_proto(stored, message)
+            stored, message, assignment = self._runs.start(attempt, labels, current_actor())
+            return convert.start_run_to_proto(stored, message, assignment)
 
         return await _handle("StartRun", context, call)
 
@@ -158,10 +159,15 @@ class TrainingControlServicer:
 
 class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
     def __init__(
-        self, service: AdminService, watches: Watches, max_response_bytes: int = 4 * 1024 * 1024
+        self,
+        service: AdminService,
+        watches: Watches,
+        experiments: ExperimentService,
+        max_response_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._service = service
         self._watches = watches
+        self._experiments = experiments
         self._max_response_bytes = max_response_bytes
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -351,3 +357,69 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
             return convert.shadow_summary_to_proto(summary)
 
         return await _handle("GetShadowSummary", context, call)
+
+    # --- experiments --------------------------------------------------------------------
+
+    async def StartExperiment(
+        self, request: pb.StartExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Experiment:
+        def call() -> pb.Experiment:
+            experiment = self._experiments.start(
+                request.name,
+                convert.selector_from_proto(request.selector),
+                convert.arms_from_proto(request.arms),
+                request.baseline_arm,
+                request.description,
+                current_actor(),
+            )
+            return convert.experiment_to_proto(experiment)
+
+        return await _handle("StartExperiment", context, call)
+
+    async def GetExperiment(
+        self, request: pb.GetExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Experiment:
+        def call() -> pb.Experiment:
+            return convert.experiment_to_proto(self._experiments.get(request.name))
+
+        return await _handle("GetExperiment", context, call)
+
+    async def ListExperiments(
+        self, request: pb.ListExperimentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListExperimentsResponse:
+        def call() -> pb.ListExperimentsResponse:
+            found = self._experiments.list(request.include_ended)
+            return pb.ListExperimentsResponse(
+                experiments=[convert.experiment_to_proto(e) for e in found]
+            )
+
+        return await _handle("ListExperiments", context, call)
+
+    async def GetExperimentReport(
+        self, request: pb.GetExperimentReportRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExperimentReport:
+        def call() -> pb.ExperimentReport:
+            report = self._experiments.report(request.name, request.pair_by, request.confidence)
+            return convert.experiment_report_to_proto(report)
+
+        return await _handle("GetExperimentReport", context, call)
+
+    async def PromoteExperiment(
+        self, request: pb.PromoteExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Experiment:
+        def call() -> pb.Experiment:
+            ended = self._experiments.promote(
+                request.name, request.arm, request.pin, request.reason, current_actor()
+            )
+            return convert.experiment_to_proto(ended)
+
+        return await _handle("PromoteExperiment", context, call)
+
+    async def EndExperiment(
+        self, request: pb.EndExperimentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Experiment:
+        def call() -> pb.Experiment:
+            ended = self._experiments.end(request.name, request.reason, current_actor())
+            return convert.experiment_to_proto(ended)
+
+        return await _handle("EndExperiment", context, call)

@@ -18,11 +18,13 @@ from typing import Any
 
 from control_server.chain import ChainedEpoch, RegistryEntry
 from control_server.domain import (
+    Assignment,
     Decision,
     DecisionFilter,
     DecisionPage,
     DecisionRecord,
     DomainError,
+    Experiment,
     FinalMetrics,
     Override,
     PolicyPin,
@@ -312,6 +314,44 @@ class Store(ABC):
     @abstractmethod
     def run_ids(self) -> list[str]:
         """Every run id, for replay."""
+
+    # --- experiments --------------------------------------------------------------------
+
+    @abstractmethod
+    def start_experiment(self, experiment: Experiment) -> Experiment:
+        """Store a new running experiment. Raises NotFound for an arm's unknown policy
+        version and FailedPrecondition when the name was ever used or a running
+        experiment has exactly the same selector."""
+
+    @abstractmethod
+    def get_experiment(self, name: str) -> Experiment | None:
+        """An experiment with its count of assigned runs, or None."""
+
+    @abstractmethod
+    def list_experiments(self, include_ended: bool = False) -> list[Experiment]:
+        """Running experiments (and ended ones with `include_ended`), oldest first."""
+
+    @abstractmethod
+    def end_experiment(
+        self, name: str, actor: str, at: datetime, promoted_arm: str = ""
+    ) -> Experiment:
+        """End a running experiment (naming the arm promoted, when one was). Raises
+        NotFound for an unknown name and FailedPrecondition when it has ended."""
+
+    @abstractmethod
+    def assign_run(self, assignment: Assignment, actor: str) -> Assignment | None:
+        """Record a run's arm, once: the run's stored assignment (an earlier one wins,
+        unchanged), or None when it had none and the experiment is no longer running.
+        A new assignment is recorded as an ``ExperimentAssigned`` admin event by
+        `actor` in the same transaction."""
+
+    @abstractmethod
+    def assignment(self, run_id: str) -> Assignment | None:
+        """The run's experiment arm, or None."""
+
+    @abstractmethod
+    def assignments(self, experiment: str) -> list[Assignment]:
+        """The runs assigned to an experiment, in the order they were assigned."""
 
     @abstractmethod
     def record_admin_event(

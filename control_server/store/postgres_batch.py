@@ -134,11 +134,12 @@ _WRITE_REST = (
 # state stored beside it: 1 or 2 rows per key.
 SELECT_CONTEXTS = (
     "SELECT k.ord, k.epoch, a.version, sp.version, pin.version, r.attempt, r.last_epoch, "
-    f"{qualified('o', OVERRIDE)}, "
+    f"ea.policy_version, {qualified('o', OVERRIDE)}, "
     f"{qualified('d', DECISION)}, d.state, d.shadow_version, d.shadow_state, d.chain "
     "FROM unnest(%b::text[], %b::bigint[], %b::boolean[], %b::text[], %b::text[], %b::text[]) "
     "WITH ORDINALITY AS k (run_id, epoch, pinned, dataset, configuration, fold, ord) "
     "LEFT JOIN runs AS r ON r.run_id = k.run_id "
+    "LEFT JOIN experiment_assignments AS ea ON ea.run_id = k.run_id "
     "LEFT JOIN active_policy AS a ON a.id = 1 "
     "LEFT JOIN shadow_policy AS sp ON sp.id = 1 "
     "LEFT JOIN LATERAL (SELECT p.version FROM policy_pins AS p WHERE k.pinned "

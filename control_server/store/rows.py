@@ -18,8 +18,11 @@ from typing import Any
 
 from control_server.domain import (
     Action,
+    Assignment,
     Decision,
     DecisionRecord,
+    Experiment,
+    ExperimentArm,
     FinalMetrics,
     Override,
     PolicyPin,
@@ -65,6 +68,11 @@ NEW_OVERRIDE = (
 )
 PIN = "dataset, configuration, fold, version, pinned_at, actor"
 POLICY = "version, name, document, created_at"
+EXPERIMENT = (
+    "name, description, dataset, configuration, fold, arms, baseline_arm, started_at, "
+    "started_by, ended_at, ended_by, promoted_arm"
+)
+ASSIGNMENT = "run_id, experiment, arm, policy_version, assigned_at"
 ATTEMPT = (
     "run_id, attempt, started_at, resume_from_epoch, history_reset, superseded_epochs, "
     "trainer_name, trainer_version, policy_version, initial_lr, loss_weights, status, "
@@ -72,11 +80,11 @@ ATTEMPT = (
 )
 #: What a run summary shows beside its RUN columns and its latest decision (see
 #: `SqlStore.SELECT_RUNS`): its attempt, that attempt's end, its rollbacks and the
-#: policy state of its latest decision.
+#: policy state of its latest decision, and its experiment arm (`ea`).
 SUMMARY_EXTRA = (
     "r.attempt, a.status, a.finished_at, a.error, a.metrics, "
     "(SELECT count(*) FROM decisions AS rb WHERE rb.run_id = r.run_id "
-    "AND rb.action = 'ROLLBACK'), d.state"
+    "AND rb.action = 'ROLLBACK'), d.state, ea.experiment, ea.arm"
 )
 N_DECISION = 15
 N_REPORT = 16
@@ -227,6 +235,10 @@ class Codec:
     policy_from: Callable[[Row], PolicyVersion]
     #: (rows of one context read, the epoch, where its columns start) -> the context.
     context_from: Callable[[Sequence[Row], int, int], RunContext]
+    experiment_row: Callable[[Experiment], tuple[Any, ...]]
+    #: (EXPERIMENT columns, the number of runs assigned) -> the experiment.
+    experiment_from: Callable[[Row, int], Experiment]
+    assignment_from: Callable[[Row], Assignment]
 
 
 def _same(value: Any) -> Any:
@@ -330,7 +342,8 @@ def codec(
 
     def summary_from(row: Row) -> RunSummary:
         last = row[N_RUN : N_RUN + N_DECISION]
-        attempt, status, finished_at, error, metrics, rollbacks, state = row[N_RUN + N_DECISION :]
+        extra = row[N_RUN + N_DECISION :]
+        attempt, status, finished_at, error, metrics, rollbacks, state, experiment, arm = extra
         return RunSummary(
             run_id=row[0],
             labels=RunLabels(*row[1:7]),
@@ -348,6 +361,8 @@ def codec(
             final_metrics=metrics_from(metrics),
             finished_at=None if finished_at is None else dt(finished_at),
             error=error or "",
+            experiment=experiment or "",
+            arm=arm or "",
         )
 
     def attempt_row(a: RunAttempt) -> tuple[Any, ...]:
@@ -436,19 +451,20 @@ def codec(
             version=row[0], name=row[1], document=json.loads(row[2]), created_at=dt(row[3])
         )
 
-    n_head = 5 + len(names(OVERRIDE))
+    n_head = 6 + len(names(OVERRIDE))
 
     def context_from(rows: Sequence[Row], epoch: int, start: int) -> RunContext:
         """From `start` on, each row holds the active, shadow and pinned versions,
-        the run's latest attempt and newest epoch (NULLs: a new run), the OVERRIDE
+        the run's latest attempt and newest epoch (NULLs: a new run), the version of
+        the run's experiment arm (NULL: none), the OVERRIDE
         columns of the run's active override, then the DECISION columns of the
         decision at `epoch` or the latest before it, its state, the shadow version
         and state stored beside it and its chain: 1 or 2 rows, newest first (NULLs:
         none)."""
         head = rows[0]
         active, shadow, pinned = head[start], head[start + 1], head[start + 2]
-        attempt, last_epoch = head[start + 3], head[start + 4]
-        override = override_from(head[start + 5 :]) if head[start + 5] is not None else None
+        attempt, last_epoch, assigned = head[start + 3], head[start + 4], head[start + 5]
+        override = override_from(head[start + 6 :]) if head[start + 6] is not None else None
         first = start + n_head
         decisions = [row[first:] for row in rows if row[first] is not None]
         existing: Decision | None = None
@@ -477,6 +493,65 @@ def codec(
             attempt=attempt or 0,
             last_epoch=None if last_epoch is None or last_epoch < 0 else last_epoch,
             previous_chain=previous_chain,
+            assigned_policy=assigned,
+        )
+
+    def experiment_row(e: Experiment) -> tuple[Any, ...]:
+        arms = [
+            {
+                "name": a.name,
+                "policy_version": a.policy_version,
+                "share": a.share,
+                "observe_only": a.observe_only,
+            }
+            for a in e.arms
+        ]
+        return (
+            e.name,
+            text(e.description),
+            e.selector.dataset,
+            e.selector.configuration,
+            e.selector.fold,
+            json.dumps(arms),
+            e.baseline_arm,
+            time(e.started_at),
+            text(e.started_by),
+            None if e.ended_at is None else time(e.ended_at),
+            text(e.ended_by),
+            e.promoted_arm,
+        )
+
+    def experiment_from(row: Row, assigned_runs: int = 0) -> Experiment:
+        arms = tuple(
+            ExperimentArm(
+                name=a["name"],
+                policy_version=a["policy_version"],
+                share=float(a["share"]),
+                observe_only=bool(a["observe_only"]),
+            )
+            for a in json.loads(row[5])
+        )
+        return Experiment(
+            name=row[0],
+            description=row[1],
+            selector=RunSelector(dataset=row[2], configuration=row[3], fold=row[4]),
+            arms=arms,
+            baseline_arm=row[6],
+            started_at=dt(row[7]),
+            started_by=row[8],
+            ended_at=None if row[9] is None else dt(row[9]),
+            ended_by=row[10],
+            promoted_arm=row[11],
+            assigned_runs=assigned_runs,
+        )
+
+    def assignment_from(row: Row) -> Assignment:
+        return Assignment(
+            run_id=row[0],
+            experiment=row[1],
+            arm=row[2],
+            policy_version=row[3],
+            assigned_at=dt(row[4]),
         )
 
     return Codec(
@@ -498,4 +573,7 @@ def codec(
         pin_from=pin_from,
         policy_from=policy_from,
         context_from=context_from,
+        experiment_row=experiment_row,
+        experiment_from=experiment_from,
+        assignment_from=assignment_from,
     )

@@ -23,8 +23,10 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from control_server.chain import ChainedEpoch, RegistryEntry, register
 from control_server.domain import (
+    Assignment,
     Decision,
     DecisionFilter,
+    Experiment,
     FailedPrecondition,
     FinalMetrics,
     NotFound,
@@ -42,8 +44,10 @@ from control_server.domain import (
 )
 from control_server.store.base import Store
 from control_server.store.rows import (
+    ASSIGNMENT,
     ATTEMPT,
     DECISION,
+    EXPERIMENT,
     N_DECISION,
     N_REPORT,
     NEW_OVERRIDE,
@@ -68,7 +72,8 @@ logger = logging.getLogger(__name__)
 SELECT_RUNS = (
     f"SELECT {qualified('r', RUN)}, {qualified('d', DECISION)}, {SUMMARY_EXTRA} FROM runs AS r "
     "LEFT JOIN decisions AS d ON d.run_id = r.run_id AND d.epoch = r.last_epoch "
-    "LEFT JOIN run_attempts AS a ON a.run_id = r.run_id AND a.attempt = r.attempt"
+    "LEFT JOIN run_attempts AS a ON a.run_id = r.run_id AND a.attempt = r.attempt "
+    "LEFT JOIN experiment_assignments AS ea ON ea.run_id = r.run_id"
 )
 _SELECT_PAIRS = (
     f"SELECT {qualified('p', REPORT)}, {qualified('d', DECISION)} FROM reports AS p "
@@ -676,6 +681,111 @@ class SqlStore(Store, Generic[S]):
         with self._reading() as s:
             rows = s.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall()
         return [str(row[0]) for row in rows]
+
+    # --- experiments --------------------------------------------------------------------
+
+    _SELECT_EXPERIMENTS = (
+        f"SELECT {EXPERIMENT}, (SELECT count(*) FROM experiment_assignments AS ea "
+        "WHERE ea.experiment = e.name) FROM experiments AS e"
+    )
+
+    def start_experiment(self, experiment: Experiment) -> Experiment:
+        sel = experiment.selector
+        # Serialised with activations: two starts cannot both find no running twin.
+        with self._writing(activation=True) as s:
+            for arm in experiment.arms:
+                self._require_policy(s, arm.policy_version)
+            if s.execute("SELECT 1 FROM experiments WHERE name = ?", (experiment.name,)).fetchone():
+                raise FailedPrecondition(
+                    f"an experiment named {experiment.name!r} exists already (names are never "
+                    "reused, so its report stays what it was); choose another name"
+                )
+            twin = s.execute(
+                "SELECT name FROM experiments WHERE ended_at IS NULL AND dataset = ? "
+                "AND configuration = ? AND fold = ?",
+                (sel.dataset, sel.configuration, sel.fold),
+            ).fetchone()
+            if twin is not None:
+                raise FailedPrecondition(
+                    f"experiment {twin[0]!r} is running on the same selector; end or promote "
+                    "it first (a run can be in one experiment only)"
+                )
+            s.execute(insert("experiments", EXPERIMENT), self.codec.experiment_row(experiment))
+        return experiment
+
+    def get_experiment(self, name: str) -> Experiment | None:
+        with self._reading() as s:
+            row = s.execute(self._SELECT_EXPERIMENTS + " WHERE e.name = ?", (name,)).fetchone()
+        return None if row is None else self.codec.experiment_from(row[:-1], row[-1])
+
+    def list_experiments(self, include_ended: bool = False) -> list[Experiment]:
+        sql = self._SELECT_EXPERIMENTS
+        if not include_ended:
+            sql += " WHERE e.ended_at IS NULL"
+        with self._reading() as s:
+            rows = s.execute(sql + " ORDER BY e.started_at, e.name").fetchall()
+        return [self.codec.experiment_from(r[:-1], r[-1]) for r in rows]
+
+    def end_experiment(
+        self, name: str, actor: str, at: datetime, promoted_arm: str = ""
+    ) -> Experiment:
+        with self._writing(activation=True) as s:
+            row = s.execute("SELECT ended_at FROM experiments WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"experiment {name!r} does not exist")
+            if row[0] is not None:
+                ended = self.codec.dt(row[0]).strftime("%Y-%m-%d %H:%M:%S")
+                raise FailedPrecondition(f"experiment {name!r} has already ended (at {ended} UTC)")
+            s.execute(
+                "UPDATE experiments SET ended_at = ?, ended_by = ?, promoted_arm = ? "
+                "WHERE name = ?",
+                (self.codec.time(at), self.codec.text(actor), promoted_arm, name),
+            )
+        found = self.get_experiment(name)
+        assert found is not None
+        return found
+
+    def assign_run(self, assignment: Assignment, actor: str) -> Assignment | None:
+        a = assignment
+        at = self.codec.time(a.assigned_at)
+        with self._writing(runs=[a.run_id]) as s:
+            # Only while the experiment runs; a run assigned before keeps its arm.
+            inserted = s.execute(
+                f"INSERT INTO experiment_assignments ({ASSIGNMENT}) "
+                "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM experiments "
+                "WHERE name = ? AND ended_at IS NULL) ON CONFLICT (run_id) DO NOTHING",
+                (a.run_id, a.experiment, a.arm, a.policy_version, at, a.experiment),
+            ).rowcount
+            if inserted == 1:
+                self._insert_admin_event(
+                    s,
+                    at,
+                    actor,
+                    "ExperimentAssigned",
+                    a.run_id,
+                    {"experiment": a.experiment, "arm": a.arm, "policy": a.policy_version},
+                    "OK",
+                )
+            row = s.execute(
+                f"SELECT {ASSIGNMENT} FROM experiment_assignments WHERE run_id = ?", (a.run_id,)
+            ).fetchone()
+        return None if row is None else self.codec.assignment_from(row)
+
+    def assignment(self, run_id: str) -> Assignment | None:
+        with self._reading() as s:
+            row = s.execute(
+                f"SELECT {ASSIGNMENT} FROM experiment_assignments WHERE run_id = ?", (run_id,)
+            ).fetchone()
+        return None if row is None else self.codec.assignment_from(row)
+
+    def assignments(self, experiment: str) -> list[Assignment]:
+        with self._reading() as s:
+            rows = s.execute(
+                f"SELECT {ASSIGNMENT} FROM experiment_assignments WHERE experiment = ? "
+                "ORDER BY assigned_at, run_id",
+                (experiment,),
+            ).fetchall()
+        return [self.codec.assignment_from(r) for r in rows]
 
     # --- audit --------------------------------------------------------------------------
 

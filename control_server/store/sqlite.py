@@ -88,7 +88,8 @@ _SELECT_DECISION = f"SELECT {DECISION} FROM decisions WHERE run_id = ? AND epoch
 # Everything load_context needs in ONE statement (atomic without BEGIN/COMMIT; on the
 # report hot path each statement costs more than the lookups in it):
 # - the run's newest stored epoch and latest attempt, the active, shadow and pinned
-#   versions and the run's latest uncleared override (partial index), in one row;
+#   versions, its experiment arm's version and the run's latest uncleared override
+#   (partial index), in one row;
 # - the most specific pin matching the run's labels, ties to the most recently pinned
 #   (a scan: pins are few, and the OR-index plan SQLite picks otherwise is slower);
 # - joined to the decision at `epoch` (if stored) and the latest one before it (unique
@@ -101,9 +102,10 @@ _BEST_PIN = (
 )
 _SELECT_CONTEXT = (
     "SELECT r.last_epoch, "
-    f"a.version, sp.version, pin.version, r.attempt, r.last_epoch, {qualified('o', OVERRIDE)}, "
-    "d.* FROM (SELECT 1) AS one "
+    "a.version, sp.version, pin.version, r.attempt, r.last_epoch, ea.policy_version, "
+    f"{qualified('o', OVERRIDE)}, d.* FROM (SELECT 1) AS one "
     "LEFT JOIN runs AS r ON r.run_id = ? "
+    "LEFT JOIN experiment_assignments AS ea ON ea.run_id = r.run_id "
     "LEFT JOIN active_policy AS a ON a.id = 1 "
     "LEFT JOIN shadow_policy AS sp ON sp.id = 1 "
     f"LEFT JOIN policy_pins AS pin ON pin.id = ({_BEST_PIN}) "

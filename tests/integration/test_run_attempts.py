@@ -28,9 +28,10 @@ LABELS = pb.RunLabels(dataset="Dataset042_Disc", configuration="2d", fold="0")
 
 
 def start(stubs: Stubs, run_id: str, **fields: object) -> pb.StartRunResponse:
+    labels = fields.pop("labels", LABELS)
     request = pb.StartRunRequest(
         run_id=run_id,
-        labels=LABELS,
+        labels=labels,  # type: ignore[arg-type]
         initial_lr=0.01,
         loss_weights={"dice": 1.0, "ce": 1.0},
         trainer_name="nnUNetTrainerControlled",
@@ -249,6 +250,7 @@ def test_a_run_that_stops_reporting_turns_stale_after_its_own_epoch_times(
         lifecycle.start(
             RunAttempt(run_id="run-s", attempt=0, started_at=now[0], initial_lr=0.01),
             RunLabels(),
+            "test",
         )
         for epoch in range(5):  # an epoch every 120 s
             now[0] += timedelta(seconds=120)

@@ -59,6 +59,7 @@ SHIPPED = [
     (3, "0003_attempts.sql"),
     (4, "0004_override_actions.sql"),
     (5, "0005_chains.sql"),
+    (6, "0006_experiments.sql"),
 ]
 LATEST = len(SHIPPED)
 #: The file name of a migration the package does not ship (a later one, in a test).
