@@ -348,6 +348,8 @@ def run_filter_from_proto(msg: pb.ListRunsRequest) -> RunFilter:
         fold=_check_text(msg.fold, "fold"),
         limit=msg.limit or 100,
         status=_status(msg.status),
+        experiment=_check_text(msg.experiment, "experiment"),
+        arm=_check_text(msg.arm, "arm"),
     )
 
 

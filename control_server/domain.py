@@ -407,6 +407,9 @@ class RunFilter:
     limit: int = 100
     #: None matches every status.
     status: RunStatus | None = None
+    #: Runs assigned to this experiment (and this arm of it, when set too).
+    experiment: str = ""
+    arm: str = ""
 
 
 @dataclass(frozen=True)

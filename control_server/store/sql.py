@@ -455,6 +455,11 @@ class SqlStore(Store, Generic[S]):
             if value:
                 where.append(f"r.{column} = ?")
                 params.append(value)
+        for column in ("experiment", "arm"):
+            value = getattr(run_filter, column)
+            if value:
+                where.append(f"ea.{column} = ?")
+                params.append(value)
         status = run_filter.status
         if status is not None:
             where.append("coalesce(a.status, 'ACTIVE') = ?")

@@ -76,6 +76,10 @@ def test_new_runs_get_their_arm_at_start_run_and_observe_only_runs_are_never_ste
     assert {r.run_id: (r.experiment, r.arm) for r in listed} == {
         run_id: ("lr-boost", arm) for run_id, arm in arms.items()
     }
+    observed = stubs.admin.ListRuns(pb.ListRunsRequest(experiment="lr-boost", arm="observe"))
+    assert sorted(r.run_id for r in observed.runs) == sorted(
+        run_id for run_id, arm in arms.items() if arm == "observe"
+    )
     assigned = admin_events(server, "ExperimentAssigned")
     assert sorted(e["target"] for e in assigned) == RUN_IDS
     assert {e["actor"] for e in assigned} == {"anonymous"}

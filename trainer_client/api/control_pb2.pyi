@@ -313,18 +313,22 @@ class RunSummary(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., last_epoch: _Optional[int] = ..., report_count: _Optional[int] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., last_decision: _Optional[_Union[Decision, _Mapping]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., rollback_count: _Optional[int] = ..., best_value: _Optional[float] = ..., final_metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("dataset", "configuration", "fold", "limit", "status")
+    __slots__ = ("dataset", "configuration", "fold", "limit", "status", "experiment", "arm")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     CONFIGURATION_FIELD_NUMBER: _ClassVar[int]
     FOLD_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     configuration: str
     fold: str
     limit: int
     status: RunStatus
-    def __init__(self, dataset: _Optional[str] = ..., configuration: _Optional[str] = ..., fold: _Optional[str] = ..., limit: _Optional[int] = ..., status: _Optional[_Union[RunStatus, str]] = ...) -> None: ...
+    experiment: str
+    arm: str
+    def __init__(self, dataset: _Optional[str] = ..., configuration: _Optional[str] = ..., fold: _Optional[str] = ..., limit: _Optional[int] = ..., status: _Optional[_Union[RunStatus, str]] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
