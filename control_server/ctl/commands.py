@@ -29,6 +29,12 @@ __all__ = [
     "Ctl",
     "UsageError",
     "cmd_decisions",
+    "cmd_experiment_end",
+    "cmd_experiment_list",
+    "cmd_experiment_promote",
+    "cmd_experiment_report",
+    "cmd_experiment_show",
+    "cmd_experiment_start",
     "cmd_override_clear",
     "cmd_override_set",
     "cmd_overrides",
@@ -45,6 +51,8 @@ __all__ = [
     "cmd_runs",
     "cmd_watch",
     "iter_decisions",
+    "parse_arm",
+    "parse_observe_arm",
     "parse_weights",
     "read_file",
 ]
@@ -290,6 +298,109 @@ def cmd_policy_shadow_summary(ctl: Ctl, args: argparse.Namespace) -> int:
     """How often the shadow version would have decided differently."""
     request = pb.GetShadowSummaryRequest(version=args.version or "")
     ctl.write(render.shadow_summary_text(ctl.call("GetShadowSummary", request)))
+    return 0
+
+
+# --- experiments ----------------------------------------------------------------------
+
+
+def _share(flag: str, text: str, raw: str) -> float:
+    """A positive finite share, or UsageError quoting the whole `flag` value."""
+    try:
+        share = float(raw)
+    except ValueError:
+        share = math.nan
+    if not (math.isfinite(share) and share > 0):
+        raise UsageError(f"{flag}: SHARE must be a number > 0, but got {raw!r} in {text!r}")
+    return share
+
+
+def parse_arm(text: str) -> pb.ExperimentArm:
+    """``NAME=VERSION[:SHARE]`` (share 1 by default); UsageError naming the bad part."""
+    name, sep, rest = text.partition("=")
+    version, colon, raw = rest.partition(":")
+    if not sep or not name.strip() or not version.strip():
+        raise UsageError(f"--arm: expected NAME=VERSION[:SHARE], but got {text!r}")
+    share = _share("--arm", text, raw) if colon else 1.0
+    return pb.ExperimentArm(name=name.strip(), policy_version=version.strip(), share=share)
+
+
+def parse_observe_arm(text: str) -> pb.ExperimentArm:
+    """``NAME[:SHARE]``: the arm the built-in observe-only policy steers."""
+    name, colon, raw = text.partition(":")
+    if not name.strip() or "=" in name:
+        raise UsageError(f"--observe-arm: expected NAME[:SHARE], but got {text!r}")
+    share = _share("--observe-arm", text, raw) if colon else 1.0
+    return pb.ExperimentArm(name=name.strip(), observe_only=True, share=share)
+
+
+def cmd_experiment_start(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Start an experiment: new runs the labels match are assigned an arm at StartRun."""
+    arms = [parse_arm(a) for a in args.arm] + [parse_observe_arm(a) for a in args.observe_arm]
+    if len(arms) < 2:
+        raise UsageError(
+            f"experiment start: give at least two arms (--arm, --observe-arm), but got {len(arms)}"
+        )
+    request = pb.StartExperimentRequest(
+        name=args.name,
+        description=args.description,
+        selector=_selector(args),
+        arms=arms,
+        baseline_arm=args.baseline,
+    )
+    ctl.write(render.experiment_text(ctl.call("StartExperiment", request)))
+    return 0
+
+
+def cmd_experiment_list(ctl: Ctl, args: argparse.Namespace) -> int:
+    """List running experiments (--all: ended ones too), oldest first."""
+    response = ctl.call("ListExperiments", pb.ListExperimentsRequest(include_ended=args.all))
+    ctl.write(
+        render.message_json(response)
+        if args.json
+        else render.experiments_table(response.experiments)
+    )
+    return 0
+
+
+def cmd_experiment_show(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Show one experiment: its selector, arms, baseline, standing and assigned runs."""
+    experiment = ctl.call("GetExperiment", pb.GetExperimentRequest(name=args.name))
+    ctl.write(render.message_json(experiment) if args.json else render.experiment_text(experiment))
+    return 0
+
+
+def cmd_experiment_report(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Per arm: runs, interventions, final Dice and the difference to the baseline arm."""
+    request = pb.GetExperimentReportRequest(
+        name=args.name, pair_by=args.pair_by, confidence=args.confidence
+    )
+    report = ctl.call("GetExperimentReport", request)
+    ctl.write(render.message_json(report) if args.json else render.experiment_report_text(report))
+    return 0
+
+
+def cmd_experiment_promote(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Activate an arm's policy (--pin: pin it to the experiment's labels) and end it."""
+    request = pb.PromoteExperimentRequest(
+        name=args.name, arm=args.arm, pin=args.pin, reason=args.reason
+    )
+    experiment = ctl.call("PromoteExperiment", request)
+    arm = next((a for a in experiment.arms if a.name == experiment.promoted_arm), None)
+    version = arm.policy_version if arm is not None else "?"
+    how = f"pinned to {render.selector_text(experiment.selector)}" if args.pin else "activated"
+    ctl.write(
+        f"promoted arm {experiment.promoted_arm} of experiment {experiment.name}: "
+        f"policy {version} {how}; the experiment has ended"
+    )
+    return 0
+
+
+def cmd_experiment_end(ctl: Ctl, args: argparse.Namespace) -> int:
+    """End an experiment without promoting anything (assigned runs keep their arm)."""
+    request = pb.EndExperimentRequest(name=args.name, reason=args.reason)
+    experiment = ctl.call("EndExperiment", request)
+    ctl.write(f"ended experiment {experiment.name} ({experiment.assigned_runs} runs assigned)")
     return 0
 
 

@@ -17,6 +17,12 @@ from control_server.ctl.commands import (
     PROG,
     Ctl,
     cmd_decisions,
+    cmd_experiment_end,
+    cmd_experiment_list,
+    cmd_experiment_promote,
+    cmd_experiment_report,
+    cmd_experiment_show,
+    cmd_experiment_start,
     cmd_override_clear,
     cmd_override_set,
     cmd_overrides,
@@ -80,6 +86,85 @@ def _labels_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="", help="e.g. Dataset042_Disc")
     parser.add_argument("--configuration", default="", help="e.g. 2d, 3d_fullres")
     parser.add_argument("--fold", default="", help="e.g. 0 or all")
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), but got {text!r}")
+    return value
+
+
+def _experiment_commands(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """`controlctl experiment start|list|show|report|promote|end`."""
+    experiment = sub.add_parser(
+        "experiment", help="A/B test policies: start, list, show, report, promote, end"
+    )
+    experiment_sub = experiment.add_subparsers(dest="experiment_command", required=True)
+    p = command(experiment_sub, "start", cmd_experiment_start)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--dataset", required=True, help="the runs to assign, e.g. Dataset042_Disc")
+    p.add_argument("--configuration", default="", help="only this configuration, e.g. 3d_fullres")
+    p.add_argument("--fold", default="", help="only this fold")
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=VERSION[:SHARE]",
+        help="an arm steered by a stored policy version, its share of new runs (default 1); "
+        "repeat for each arm",
+    )
+    p.add_argument(
+        "--observe-arm",
+        action="append",
+        default=[],
+        metavar="NAME[:SHARE]",
+        help="an arm that is only observed (the built-in observe-only policy never intervenes)",
+    )
+    p.add_argument(
+        "--baseline",
+        default="",
+        metavar="ARM",
+        help="the arm the others are compared with (default: the observe arm, else the first)",
+    )
+    p.add_argument("--description", default="", metavar="TEXT")
+    p = command(experiment_sub, "list", cmd_experiment_list)
+    p.add_argument("--all", action="store_true", help="include ended experiments")
+    p.add_argument("--json", action="store_true", help="the ListExperiments response as JSON")
+    p = command(experiment_sub, "show", cmd_experiment_show)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="the Experiment as JSON")
+    p = command(experiment_sub, "report", cmd_experiment_report)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--pair-by",
+        default="",
+        choices=("fold", "dataset", "configuration", "host"),
+        help="pair runs across arms by this label (default: unpaired)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=0.95,
+        metavar="LEVEL",
+        help="of the intervals (default 0.95)",
+    )
+    p.add_argument("--json", action="store_true", help="the ExperimentReport as JSON")
+    p = command(experiment_sub, "promote", cmd_experiment_promote)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("arm", metavar="ARM")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the arm's policy to the experiment's labels instead of activating it",
+    )
+    p.add_argument("--reason", default="", metavar="TEXT", help="why (recorded in the audit)")
+    p = command(experiment_sub, "end", cmd_experiment_end)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--reason", default="", metavar="TEXT", help="why (recorded in the audit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--off", action="store_true", help="stop shadowing")
     p = command(policy_sub, "shadow-summary", cmd_policy_shadow_summary)
     p.add_argument("version", nargs="?", metavar="VERSION", help="default: the current shadow")
+
+    _experiment_commands(sub, command)
 
     p = command(sub, "decisions", cmd_decisions)
     _filters(p)

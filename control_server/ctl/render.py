@@ -20,8 +20,13 @@ from trainer_client.vocabulary import LABEL_KEYS, LOSS_COMPONENTS, SELECTOR_KEYS
 
 __all__ = [
     "EXPORT_FIELDS",
+    "arm_text",
     "decision_record",
     "decisions_table",
+    "experiment_report_text",
+    "experiment_status",
+    "experiment_text",
+    "experiments_table",
     "message_json",
     "override_line",
     "overrides_table",
@@ -418,6 +423,140 @@ def shadow_summary_text(summary: pb.ShadowSummary) -> str:
         rows = [[k, str(v)] for k, v in sorted(summary.by_transition.items())]
         text += "\n" + table(("REAL->SHADOW", "COUNT"), rows)
     return text
+
+
+# --- experiments ---------------------------------------------------------------------
+
+
+def experiment_status(experiment: pb.Experiment) -> str:
+    """``running``, ``ended`` or ``promoted ARM``."""
+    if experiment.promoted_arm:
+        return f"promoted {experiment.promoted_arm}"
+    return "running" if experiment.status == pb.RUNNING else "ended"
+
+
+def arm_text(arm: pb.ExperimentArm) -> str:
+    """``NAME=VERSION:SHARE`` as `controlctl experiment start --arm` takes it."""
+    version = "observe-only" if arm.observe_only else arm.policy_version
+    return f"{arm.name}={version}:{arm.share:g}"
+
+
+def experiments_table(experiments: Iterable[pb.Experiment]) -> str:
+    """One line per experiment, as given (oldest first)."""
+    rows = [
+        [
+            e.name,
+            experiment_status(e),
+            selector_text(e.selector),
+            " ".join(arm_text(a) for a in e.arms),
+            e.baseline_arm,
+            str(e.assigned_runs),
+            _when(e.started_at),
+            _when(e.ended_at),
+            e.description,
+        ]
+        for e in experiments
+    ]
+    headers = ("NAME", "STATUS", "SELECTOR", "ARMS", "BASELINE", "RUNS", "STARTED (UTC)")
+    return table((*headers, "ENDED (UTC)", "DESCRIPTION"), rows)
+
+
+def experiment_text(e: pb.Experiment) -> str:
+    """An experiment's standing, selector and arms."""
+    ended = (
+        f"\nended (UTC)    {_when(e.ended_at)} by {e.ended_by or '?'}"
+        if e.HasField("ended_at")
+        else ""
+    )
+    head = (
+        f"experiment     {e.name}\n"
+        + (f"description    {e.description}\n" if e.description else "")
+        + f"status         {experiment_status(e)}, {e.assigned_runs} runs assigned\n"
+        f"selector       {selector_text(e.selector)}\n"
+        f"started (UTC)  {_when(e.started_at)} by {e.started_by or '?'}" + ended
+    )
+    rows = [
+        [
+            a.name + (" (baseline)" if a.name == e.baseline_arm else ""),
+            "observe-only" if a.observe_only else "policy",
+            a.policy_version or "-",
+            f"{a.share:g}",
+        ]
+        for a in e.arms
+    ]
+    return head + "\n\n" + table(("ARM", "KIND", "POLICY", "SHARE"), rows)
+
+
+def _dice(d: pb.Distribution) -> list[str]:
+    """mean ± sd, median and min-max of a final Dice distribution, as table cells."""
+    if not d.n:
+        return ["-", "-", "-"]
+    sd = f" ± {d.sd:.4f}" if d.HasField("sd") else ""
+    return [f"{d.mean:.4f}{sd}", f"{d.median:.4f}", f"{d.min:.4f}-{d.max:.4f}"]
+
+
+def _epochs(d: pb.Distribution) -> str:
+    if not d.n:
+        return "-"
+    return f"{d.median:g} ({d.min:g}-{d.max:g})"
+
+
+def _by_status(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())) or "-"
+
+
+def _comparison(c: pb.ArmComparison) -> list[str]:
+    interval = (
+        f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}]"
+        if c.HasField("ci_low") and c.HasField("ci_high")
+        else "-"
+    )
+    return [
+        str(c.n),
+        f"{c.difference:+.4f}" if c.HasField("difference") else "-",
+        interval,
+        f"{c.p_value:.3g}" if c.HasField("p_value") else "-",
+        f"{c.win_rate:.2f}" if c.HasField("win_rate") else "-",
+        c.method,
+    ]
+
+
+def experiment_report_text(report: pb.ExperimentReport) -> str:
+    """Per arm: runs by status, interventions, final Dice and epochs to best; then each
+    arm against the baseline arm (difference, interval, p, win rate, how)."""
+    e = report.experiment
+    confidence = f"{report.confidence * 100:g}%"
+    pairing = f"paired by {report.pair_by}" if report.pair_by else "unpaired"
+    head = (
+        f"experiment {e.name} ({experiment_status(e)}), {selector_text(e.selector)}: "
+        f"{e.assigned_runs} runs assigned; final Dice {pairing}, {confidence} intervals"
+    )
+    rows = [
+        [
+            a.arm.name + (" (baseline)" if a.arm.name == e.baseline_arm else ""),
+            "observe-only" if a.arm.observe_only else a.arm.policy_version,
+            str(a.runs),
+            str(a.interventions),
+            str(a.rollbacks),
+            str(a.stops),
+            str(a.final_dice.n),
+            *_dice(a.final_dice),
+            _epochs(a.epochs_to_best),
+            _by_status(a.runs_by_status),
+        ]
+        for a in report.arms
+    ]
+    headers = ("ARM", "POLICY", "RUNS", "INTERVENTIONS", "ROLLBACKS", "STOPS", "DICE N")
+    more = ("FINAL DICE MEAN ± SD", "MEDIAN", "MIN-MAX", "BEST EPOCH MEDIAN (MIN-MAX)")
+    more = (*more, "RUNS BY STATUS")
+    arms = table((*headers, *more), rows)
+    compared = [
+        [a.arm.name, *_comparison(a.vs_baseline)] for a in report.arms if a.HasField("vs_baseline")
+    ]
+    if not compared:
+        return f"{head}\n\n{arms}"
+    vs = table(("ARM", "N", "DIFFERENCE", f"{confidence} CI", "P", "WIN RATE", "METHOD"), compared)
+    return f"{head}\n\n{arms}\n\nagainst the baseline arm {e.baseline_arm}\n{vs}"
 
 
 # --- decisions -----------------------------------------------------------------------
