@@ -9,9 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from control_server.domain import Report
 from control_server.policy._text import num, nums, pct, pcts
 from control_server.policy.document import PlateauConfig
 from control_server.policy.state import PolicyState
+
+
+def monitored_value(cfg: PlateauConfig, report: Report) -> tuple[str, float | None]:
+    """The name of the value the policy compares and its raw value in `report`:
+    `val_loss` falls back to `train_loss` when a report has none; the Dice monitors
+    read `pseudo_dice` (None when the report has none)."""
+    if cfg.monitor in ("pseudo_dice", "ema_pseudo_dice"):
+        return "pseudo_dice", report.pseudo_dice
+    if cfg.monitor == "val_loss" and report.val_loss is not None:
+        return "val_loss", report.val_loss
+    return "train_loss", report.train_loss
 
 
 def is_better(cfg: PlateauConfig, value: float, best: float | None) -> bool:
