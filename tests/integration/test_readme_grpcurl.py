@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from control_server.experiment_stats import compare_paired
 from tests.conftest import REPO, SERVING, ServerThread
 from trainer_client.api import control_pb2 as pb
 
@@ -239,6 +240,39 @@ def test_every_readme_grpcurl_command_works(server: ServerThread) -> None:
     assert completed["final_metrics"]["mean_dice"] == 0.87
     page = outputs("ControlAdmin/GetRun")[1][0]
     assert len(page["epochs"]) == 2 and page["next_page_token"] == "grpcurl-run@2"
+
+    # An experiment: four new runs drawn into its two arms, a paired report, promote, end.
+    experiment = single("ControlAdmin/StartExperiment")
+    assert (experiment["status"], experiment["baseline_arm"]) == ("RUNNING", "observe")
+    assert [a["name"] for a in experiment["arms"]] == ["observe", "cautious"]
+    drawn = [(s[0]["experiment"], s[0]["arm"]) for s in outputs("TrainingControl/StartRun")[1:]]
+    assert drawn == [("cautious-vs-none", arm) for arm in ("cautious", "observe") * 2]
+    assert outputs("TrainingControl/StartRun")[1][0]["policy_version"] == cautious_v
+    assert single("ControlAdmin/GetExperiment")["assigned_runs"] == 4
+    listed_experiments = single("ControlAdmin/ListExperiments")["experiments"]
+    assert [e["name"] for e in listed_experiments] == ["cautious-vs-none"]
+    report = single("ControlAdmin/GetExperimentReport")
+    assert (report["pair_by"], report["confidence"]) == ("fold", 0.9)
+    observe, cautious_arm = report["arms"]
+    assert observe["run_ids"] == ["exp-2", "exp-4"] and "vs_baseline" not in observe
+    assert cautious_arm["run_ids"] == ["exp-1", "exp-3"]
+    assert cautious_arm["final_dice"] == {
+        "n": 2, "mean": 0.875, "median": 0.875, "sd": pytest.approx(0.00707, abs=1e-5),
+        "min": 0.87, "max": 0.88,
+    }  # fmt: skip
+    assert cautious_arm["epochs_to_best"]["mean"] == 155
+    expected = compare_paired({"0": 0.87, "1": 0.88}, {"0": 0.84, "1": 0.86}, 0.9)
+    compared = cautious_arm["vs_baseline"]
+    assert (compared["paired"], compared["n"], compared["method"]) == (True, 2, expected.method)
+    assert [compared[k] for k in ("difference", "ci_low", "ci_high", "p_value", "win_rate")] == (
+        pytest.approx([expected.difference, expected.ci_low, expected.ci_high, 0.5, 1.0])
+    )
+    assert expected.difference == pytest.approx(0.025)
+    promoted = single("ControlAdmin/PromoteExperiment")
+    assert (promoted["status"], promoted["promoted_arm"]) == ("ENDED", "cautious")
+    assert single("ControlAdmin/StartExperiment", 1)["status"] == "RUNNING"
+    ended = single("ControlAdmin/EndExperiment")
+    assert ended["status"] == "ENDED" and "promoted_arm" not in ended
 
 
 def test_the_authenticated_lines_run_against_an_auth_server(
