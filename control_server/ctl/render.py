@@ -547,9 +547,8 @@ def experiment_report_text(report: pb.ExperimentReport) -> str:
         for a in report.arms
     ]
     headers = ("ARM", "POLICY", "RUNS", "INTERVENTIONS", "ROLLBACKS", "STOPS", "DICE N")
-    more = ("FINAL DICE MEAN ± SD", "MEDIAN", "MIN-MAX", "BEST EPOCH MEDIAN (MIN-MAX)")
-    more = (*more, "RUNS BY STATUS")
-    arms = table((*headers, *more), rows)
+    dice = ("FINAL DICE MEAN ± SD", "MEDIAN", "MIN-MAX", "BEST EPOCH MEDIAN (MIN-MAX)")
+    arms = table((*headers, *dice, "RUNS BY STATUS"), rows)
     compared = [
         [a.arm.name, *_comparison(a.vs_baseline)] for a in report.arms if a.HasField("vs_baseline")
     ]
