@@ -36,6 +36,7 @@ from control_server.domain import (
     RunSummary,
     ShadowSummary,
 )
+from control_server.effects import EffectsService, EffectSummary
 from control_server.policy.document import PolicyDoc, parse_policy_source
 from control_server.report_epoch import PolicyCache, utc_now
 from control_server.runs import RunLifecycle
@@ -143,6 +144,7 @@ class AdminService:
         self.store = store
         self._clock = clock
         self._policies = PolicyCache(store)
+        self.effects = EffectsService(store, self._policies.get)
         #: Whose view of a run's status (STALE) the run reads take.
         self.runs = runs if runs is not None else RunLifecycle(store, clock)
 
@@ -341,10 +343,13 @@ class AdminService:
         unfinished = self.runs.with_status(self.store.list_runs(replace(run_filter, limit=0)))
         return [r for r in unfinished if r.status is status][: run_filter.limit]
 
-    def get_run(self, run_id: str, from_epoch: int = 0, page_size: int = 0) -> RunDetail:
-        """One page of a run: up to `page_size` epochs (report, decision, shadow) from
-        `from_epoch` on (<= 0: all), the superseded epochs in the page's range, and
-        all its overrides and attempts."""
+    def get_run(
+        self, run_id: str, from_epoch: int = 0, page_size: int = 0, effect_horizon: int = 0
+    ) -> RunDetail:
+        """One page of a run: up to `page_size` epochs (report, decision, shadow, and the
+        effect of an intervention or rollback over `effect_horizon` epochs, 0: the
+        policy's default) from `from_epoch` on (<= 0: all), the superseded epochs in the
+        page's range, and all its overrides and attempts."""
         if not run_id.strip():
             raise InvalidArgument("run_id", "must not be empty")
         # One more than the page, to know whether another page follows.
@@ -359,7 +364,9 @@ class AdminService:
         last = next_epoch - 1 if next_epoch is not None else None
         shadows = {d.epoch: d for d in self.store.shadow_decisions(run_id, from_epoch, last)}
         overrides = self.store.list_overrides(run_id, include_cleared=True)
-        epochs = tuple(RunEpoch(r, d, shadows.get(r.epoch)) for r, d in pairs)
+        epochs = self.effects.for_run(
+            run_id, [RunEpoch(r, d, shadows.get(r.epoch)) for r, d in pairs], effect_horizon
+        )
         superseded = tuple(
             RunEpoch(r, d) for r, d in self.store.superseded(run_id, from_epoch, last)
         )
@@ -374,6 +381,19 @@ class AdminService:
 
     def list_decisions(self, decision_filter: DecisionFilter) -> list[Decision]:
         return self.store.list_decisions(decision_filter)
+
+    def effect_summary(
+        self, selector: RunSelector, policy_version: str, horizon: int, experiment: str = ""
+    ) -> EffectSummary:
+        """The effects of the matching runs' interventions, overrides and rollbacks, summed
+        per policy version, kind, gradient-norm bucket and loss mix; only the runs
+        assigned to `experiment` when it is set (NotFound: no such experiment)."""
+        run_ids: set[str] | None = None
+        if experiment:
+            if self.store.get_experiment(experiment) is None:
+                raise NotFound(f"experiment {experiment!r} does not exist")
+            run_ids = {a.run_id for a in self.store.assignments(experiment)}
+        return self.effects.summary(selector, policy_version, horizon, run_ids)
 
 
 def _view(

@@ -17,6 +17,7 @@ from control_server.domain import (
     Assignment,
     Decision,
     DecisionFilter,
+    Effect,
     Experiment,
     ExperimentArm,
     FinalMetrics,
@@ -37,6 +38,7 @@ from control_server.domain import (
     Source,
     frozen_map,
 )
+from control_server.effects import EffectGroup, EffectSummary, check_horizon
 from control_server.experiment_stats import Comparison, Distribution
 from control_server.experiments import ArmReport, ExperimentReport
 from control_server.policy.document import integer_fields
@@ -361,8 +363,8 @@ def _status(number: int) -> RunStatus | None:
     return _STATUSES_BACK[number]
 
 
-def run_page_from_proto(msg: pb.GetRunRequest) -> tuple[str, int, int]:
-    """(run_id, first epoch, page size) of a GetRun page."""
+def run_page_from_proto(msg: pb.GetRunRequest) -> tuple[str, int, int, int]:
+    """(run_id, first epoch, page size, effect horizon) of a GetRun page."""
     run_id = _check_text(msg.run_id, "run_id", required=True)
     size = _limit(msg.page_size, "page_size", DEFAULT_RUN_PAGE, MAX_RUN_PAGE)
     if msg.page_token:
@@ -377,7 +379,7 @@ def run_page_from_proto(msg: pb.GetRunRequest) -> tuple[str, int, int]:
         from_epoch = msg.from_epoch
         if from_epoch < 0:
             raise InvalidArgument("from_epoch", f"must be >= 0, but got {from_epoch}")
-    return run_id, from_epoch, size
+    return run_id, from_epoch, size, check_horizon(msg.effect_horizon, "effect_horizon")
 
 
 def _limit(value: int, field: str, default: int, maximum: int) -> int:
@@ -416,7 +418,80 @@ def run_epoch_to_proto(epoch: RunEpoch) -> pb.RunEpoch:
     msg = pb.RunEpoch(report=report_to_proto(report), decision=decision_to_proto(epoch.decision))
     if epoch.shadow is not None:
         msg.shadow.CopyFrom(decision_to_proto(epoch.shadow))
+    if epoch.effect is not None:
+        msg.effect.CopyFrom(effect_to_proto(epoch.effect))
     return msg
+
+
+def effect_to_proto(effect: Effect) -> pb.InterventionEffect:
+    """An effect; a value the record lacks (no finite value before the decision, a
+    missing metric at it) is NaN where the field is not optional."""
+    msg = pb.InterventionEffect(
+        metric=effect.metric,
+        mode=effect.mode,
+        value_at_decision=_or_nan(effect.value_at_decision),
+        best_before=_or_nan(effect.best_before),
+        new_best=effect.new_best,
+        rolled_back=effect.rolled_back,
+        horizon=effect.horizon,
+        epochs_observed=effect.epochs_observed,
+        grad_norm_bucket=effect.grad_norm_bucket,
+        loss_mix=effect.loss_mix,
+        kind=effect.kind,
+    )
+    if effect.best_after is not None:
+        msg.best_after = effect.best_after
+    if effect.relative_change is not None:
+        msg.relative_change = effect.relative_change
+    if effect.epochs_to_new_best is not None:
+        msg.epochs_to_new_best = effect.epochs_to_new_best
+    if effect.rolled_back_at_epoch is not None:
+        msg.rolled_back_at_epoch = effect.rolled_back_at_epoch
+    return msg
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def effect_summary_from_proto(
+    msg: pb.GetEffectSummaryRequest,
+) -> tuple[RunSelector, str, int, str]:
+    """(selector, policy version, horizon, experiment) of a GetEffectSummary request."""
+    return (
+        selector_from_proto(msg.selector),
+        _check_text(msg.policy_version, "policy_version"),
+        check_horizon(msg.horizon, "horizon"),
+        _check_text(msg.experiment, "experiment"),
+    )
+
+
+def _effect_group_to_proto(group: EffectGroup) -> pb.EffectGroup:
+    msg = pb.EffectGroup(
+        key=group.key,
+        count=group.count,
+        complete=group.complete,
+        new_best=group.new_best,
+        rolled_back=group.rolled_back,
+    )
+    if group.mean_relative_change is not None:
+        msg.mean_relative_change = group.mean_relative_change
+    if group.median_relative_change is not None:
+        msg.median_relative_change = group.median_relative_change
+    if group.mean_epochs_to_new_best is not None:
+        msg.mean_epochs_to_new_best = group.mean_epochs_to_new_best
+    return msg
+
+
+def effect_summary_to_proto(summary: EffectSummary) -> pb.EffectSummary:
+    return pb.EffectSummary(
+        runs=summary.runs,
+        decisions=summary.decisions,
+        by_policy=[_effect_group_to_proto(g) for g in summary.by_policy],
+        by_kind=[_effect_group_to_proto(g) for g in summary.by_kind],
+        by_grad_norm_bucket=[_effect_group_to_proto(g) for g in summary.by_grad_norm_bucket],
+        by_loss_mix=[_effect_group_to_proto(g) for g in summary.by_loss_mix],
+    )
 
 
 def run_detail_to_proto(detail: RunDetail) -> pb.GetRunResponse:

@@ -34,6 +34,7 @@ __all__ = [
     "DecisionPage",
     "DecisionRecord",
     "DomainError",
+    "Effect",
     "Experiment",
     "ExperimentArm",
     "FailedPrecondition",
@@ -489,12 +490,48 @@ class DecisionPage:
 
 
 @dataclass(frozen=True)
+class Effect:
+    """What followed one intervention, override or rollback, judged from the run's
+    reports after it (derived on read, never stored; `control_server/effects.py`).
+
+    Values are the monitored metric's raw values; `best_before` is None when no finite
+    value was reported up to the decision, `best_after` (and so `relative_change`) when
+    none has been reported in the horizon yet.
+    """
+
+    epoch: int
+    policy_version: str
+    kind: str
+    metric: str
+    mode: str
+    value_at_decision: float | None
+    best_before: float | None
+    best_after: float | None
+    relative_change: float | None
+    new_best: bool
+    epochs_to_new_best: int | None
+    rolled_back: bool
+    rolled_back_at_epoch: int | None
+    horizon: int
+    epochs_observed: int
+    grad_norm_bucket: str
+    loss_mix: str
+
+    @property
+    def complete(self) -> bool:
+        """The whole horizon is reported."""
+        return self.epochs_observed >= self.horizon
+
+
+@dataclass(frozen=True)
 class RunEpoch:
-    """One epoch of a run: the report, the decision, and the shadow one if any."""
+    """One epoch of a run: the report, the decision, the shadow one if any, and the
+    decision's effect when it is an intervention or a rollback (GetRun fills it in)."""
 
     report: Report
     decision: Decision
     shadow: Decision | None = None
+    effect: Effect | None = None
 
 
 @dataclass(frozen=True)

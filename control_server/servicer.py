@@ -208,8 +208,9 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
         self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetRunResponse:
         def call() -> pb.GetRunResponse:
-            run_id, from_epoch, page_size = convert.run_page_from_proto(request)
-            page = convert.run_detail_to_proto(self._service.get_run(run_id, from_epoch, page_size))
+            run_id, from_epoch, page_size, horizon = convert.run_page_from_proto(request)
+            detail = self._service.get_run(run_id, from_epoch, page_size, horizon)
+            page = convert.run_detail_to_proto(detail)
             size = page.ByteSize()
             if size > self._max_response_bytes:
                 # Sent anyway, gRPC would fail the call after the audit recorded it as OK.
@@ -357,6 +358,16 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
             return convert.shadow_summary_to_proto(summary)
 
         return await _handle("GetShadowSummary", context, call)
+
+    async def GetEffectSummary(
+        self, request: pb.GetEffectSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EffectSummary:
+        def call() -> pb.EffectSummary:
+            selector, version, horizon, experiment = convert.effect_summary_from_proto(request)
+            summary = self._service.effect_summary(selector, version, horizon, experiment)
+            return convert.effect_summary_to_proto(summary)
+
+        return await _handle("GetEffectSummary", context, call)
 
     # --- experiments --------------------------------------------------------------------
 

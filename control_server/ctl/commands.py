@@ -29,6 +29,7 @@ __all__ = [
     "Ctl",
     "UsageError",
     "cmd_decisions",
+    "cmd_effects",
     "cmd_experiment_end",
     "cmd_experiment_list",
     "cmd_experiment_promote",
@@ -119,6 +120,24 @@ def cmd_run(ctl: Ctl, args: argparse.Namespace) -> int:
         except OSError as error:
             raise UsageError(f"cannot write {args.plot}: {error.strerror}") from None
         ctl.note(f"wrote {path}")
+    return 0
+
+
+def cmd_effects(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Effects of interventions, overrides and rollbacks per policy, kind, grad norm, loss mix."""
+    request = pb.GetEffectSummaryRequest(
+        selector=pb.RunSelector(
+            dataset=args.dataset, configuration=args.configuration, fold=args.fold
+        ),
+        policy_version=args.policy,
+        horizon=args.horizon,
+        experiment=args.experiment,
+    )
+    summary = ctl.call("GetEffectSummary", request)
+    if args.json:
+        ctl.write(render.message_json(summary))
+    else:
+        ctl.write(render.effect_summary_text(summary, args.horizon))
     return 0
 
 

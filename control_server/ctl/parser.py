@@ -17,6 +17,7 @@ from control_server.ctl.commands import (
     PROG,
     Ctl,
     cmd_decisions,
+    cmd_effects,
     cmd_experiment_end,
     cmd_experiment_list,
     cmd_experiment_promote,
@@ -298,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", nargs="?", metavar="VERSION", help="default: the current shadow")
 
     _experiment_commands(sub, command)
+
+    p = command(sub, "effects", cmd_effects)
+    _labels_args(p)
+    p.add_argument("--policy", default="", metavar="VERSION", help="only its decisions")
+    p.add_argument(
+        "--horizon",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="epochs after a decision to judge it over (default: guard_epochs + patience)",
+    )
+    p.add_argument("--experiment", default="", metavar="NAME", help="only runs assigned to it")
+    p.add_argument("--json", action="store_true", help="the EffectSummary as JSON")
 
     p = command(sub, "decisions", cmd_decisions)
     _filters(p)

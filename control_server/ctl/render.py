@@ -23,6 +23,8 @@ __all__ = [
     "arm_text",
     "decision_record",
     "decisions_table",
+    "effect_summary_text",
+    "effect_text",
     "experiment_report_text",
     "experiment_status",
     "experiment_text",
@@ -215,12 +217,13 @@ def run_text(response: pb.GetRunResponse) -> str:
             _source(e.decision),
             _opt(e.decision, "lr"),
             _weights(e.decision.loss_weights),
+            effect_text(e.effect) if e.HasField("effect") else "",
             e.decision.reason,
         ]
         for e in response.epochs
     ]
     headers = ("EPOCH", "TRAIN", "VAL", "GRAD", "LR", "ACTION", "SOURCE", "NEW LR", "NEW WEIGHTS")
-    parts.append(table((*headers, "REASON"), timeline))
+    parts.append(table((*headers, "EFFECT", "REASON"), timeline))
     if len(response.attempts) > 1 or response.superseded:
         attempts = [
             [
@@ -423,6 +426,74 @@ def shadow_summary_text(summary: pb.ShadowSummary) -> str:
         rows = [[k, str(v)] for k, v in sorted(summary.by_transition.items())]
         text += "\n" + table(("REAL->SHADOW", "COUNT"), rows)
     return text
+
+
+# --- effects -------------------------------------------------------------------------
+
+
+def _change(value: float, relative: bool) -> str:
+    """+4.1% (relative), or the plain difference when the best before was 0."""
+    return f"{100 * value:+.1f}%" if relative else f"{value:+.4g}"
+
+
+def effect_text(effect: pb.InterventionEffect) -> str:
+    """One decision's effect, compactly: "+4.1% new best in 2", "-3.0% (2/5 seen)",
+    "+0.5%, rolled back @12" (the change of the best after against the best before,
+    > 0 better; "no value yet" before one is reported)."""
+    words = []
+    if effect.HasField("relative_change"):
+        words.append(_change(effect.relative_change, effect.best_before != 0))
+    elif effect.epochs_observed == 0:
+        words.append("no value yet")
+    if effect.new_best:
+        words.append(f"new best in {effect.epochs_to_new_best}")
+    if effect.epochs_observed < effect.horizon:
+        words.append(f"({effect.epochs_observed}/{effect.horizon} seen)")
+    text = " ".join(words)
+    if effect.rolled_back:
+        back = f"rolled back @{effect.rolled_back_at_epoch}"
+        text = f"{text}, {back}" if text else back
+    return text
+
+
+def _effect_rows(groups: Iterable[pb.EffectGroup]) -> list[list[str]]:
+    return [
+        [
+            g.key,
+            str(g.count),
+            str(g.complete),
+            str(g.new_best),
+            str(g.rolled_back),
+            _change(g.mean_relative_change, True) if g.HasField("mean_relative_change") else "-",
+            (
+                _change(g.median_relative_change, True)
+                if g.HasField("median_relative_change")
+                else "-"
+            ),
+            _opt(g, "mean_epochs_to_new_best"),
+        ]
+        for g in groups
+    ]
+
+
+def effect_summary_text(summary: pb.EffectSummary, horizon: int = 0) -> str:
+    """The effects summed per policy version, kind, gradient-norm bucket and loss mix:
+    one table each (changes relative to the best before, > 0 better)."""
+    judged = f"{horizon} epochs" if horizon else "each policy's guard_epochs + patience"
+    parts = [
+        f"{summary.decisions} interventions, overrides and rollbacks in {summary.runs} runs; "
+        f"effects over {judged}"
+    ]
+    columns = ("COUNT", "COMPLETE", "NEW BEST", "ROLLED BACK", "MEAN CHANGE", "MEDIAN CHANGE")
+    last = "MEAN EPOCHS TO NEW BEST"
+    for title, groups in (
+        ("POLICY", summary.by_policy),
+        ("KIND", summary.by_kind),
+        ("GRAD NORM", summary.by_grad_norm_bucket),
+        ("LOSS MIX", summary.by_loss_mix),
+    ):
+        parts.append(table((title, *columns, last), _effect_rows(groups)))
+    return "\n\n".join(parts)
 
 
 # --- experiments ---------------------------------------------------------------------
