@@ -599,6 +599,15 @@ def test_every_readme_controlctl_line_works(
     assert "+  patience: 2" in diff.splitlines()
     listed = next(out for command, out in outputs.items() if command.endswith("policy list"))
     assert f"{version}  candidate" in listed and "active" in listed.splitlines()[-1]
+    experiments = next(out for command, out in outputs.items() if "experiment list" in command)
+    assert "patience-2" in experiments
+    report = next(out for command, out in outputs.items() if "experiment report" in command)
+    assert "none (baseline)" in report and "candidate" in report
+    stub = pb_grpc.ControlAdminStub(admin)
+    [ended] = stub.ListExperiments(pb.ListExperimentsRequest(include_ended=True)).experiments
+    assert (ended.status, ended.promoted_arm) == (pb.ENDED, "candidate")
+    pinned = stub.GetPolicy(pb.GetPolicyRequest(version=version))
+    assert [p.dataset for p in pinned.pins] == ["Dataset042_Disc"]
 
 
 def test_tls_settings_come_from_the_trainer_clients_variables(
