@@ -33,6 +33,8 @@ from tests.conftest import ServerThread, Stubs
 from tests.factories import epoch_report
 from tests.integration.test_admin import EAGER_VERSION, Trainer, put_eager, rpc_error
 from tests.integration.test_ctl import Ctl, run_ctl  # noqa: F401  (a fixture)
+from tests.integration.test_experiments import ARMS, SELECTOR
+from tests.integration.test_run_attempts import start
 from trainer_client.api import control_pb2 as pb
 
 VAL = [1.00, 0.90, 0.95, 0.95, 0.85, 0.84, 0.86, 0.86, 1.40, 0.83, 0.82, 0.81, 0.815]
@@ -256,6 +258,29 @@ def test_get_effect_summary_sums_the_effects(stubs: Stubs, recorded: list[pb.Dec
         lambda: stubs.admin.GetEffectSummary(pb.GetEffectSummaryRequest(experiment="nope"))
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_experiments_summary_counts_only_its_runs(
+    stubs: Stubs, recorded: list[pb.Decision]
+) -> None:
+    # run-a and run-b reported before the experiment: never assigned, never counted.
+    stubs.admin.StartExperiment(
+        pb.StartExperimentRequest(name="lr-boost", selector=SELECTOR, arms=ARMS)
+    )
+    steered = 0
+    for run_id in ("run-x", "run-y", "run-z", "run-w"):
+        start(stubs, run_id)
+        decisions = Trainer(run_id).run(stubs, range(8))  # val_loss 0.5 throughout
+        steered += sum(d.action != pb.NONE for d in decisions)
+    arms = {r.arm for r in stubs.admin.ListRuns(pb.ListRunsRequest(experiment="lr-boost")).runs}
+    assert arms == {"observe", "eager"} and steered > 0
+    summary = stubs.admin.GetEffectSummary(pb.GetEffectSummaryRequest(experiment="lr-boost"))
+    assert (summary.runs, summary.decisions) == (4, steered)
+    # A flat loss: every best after equals the best before (0.5): no change, no new best.
+    (policy,) = summary.by_policy
+    assert (policy.key, policy.count, policy.new_best) == (EAGER_VERSION, steered, 0)
+    assert (policy.mean_relative_change, policy.median_relative_change) == (0.0, 0.0)
+    assert not policy.HasField("mean_epochs_to_new_best")
 
 
 def test_controlctl_shows_effects(
