@@ -51,8 +51,11 @@ __all__ = [
     "EffectSummary",
     "EffectsService",
     "check_horizon",
+    "effect_kind",
     "grad_norm_bucket",
     "loss_mix",
+    "relative_change",
+    "rollbacks",
     "run_effects",
     "summarize",
 ]

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from control_server.convert import effect_to_proto
 from control_server.domain import Action, Decision, Report, Source, frozen_map
 from control_server.effects import (
     EffectGroup,
@@ -343,3 +344,18 @@ def test_a_group_without_values_has_no_means() -> None:
     (group,) = summarize([e], runs=1).by_kind
     assert (group.count, group.complete, group.mean_relative_change) == (1, 0, None)
     assert group.mean_epochs_to_new_best is None
+
+
+def test_an_effect_on_the_wire_leaves_what_is_missing_unset() -> None:
+    # Epoch 20: best after, change and epochs to a new best set, 4 of 5 epochs seen.
+    msg = effect_to_proto(effects_of(RUN_A)[20])
+    assert (msg.kind, msg.best_before, msg.best_after) == ("rollback", 0.74, 0.73)
+    assert (msg.epochs_to_new_best, msg.horizon, msg.epochs_observed) == (2, 5, 4)
+    assert not msg.HasField("rolled_back_at_epoch")
+    epochs = recorded({0: 0.5, 1: 0.4}, {1: {"action": Action.INTERVENE, "intervention_index": 1}})
+    empty = effect_to_proto(run_effects(epochs, POLICIES.__getitem__)[1])
+    assert not any(
+        empty.HasField(f)
+        for f in ("best_after", "relative_change", "epochs_to_new_best", "rolled_back_at_epoch")
+    )
+    assert (empty.value_at_decision, empty.best_before) == (0.4, 0.4)
