@@ -165,12 +165,6 @@ class Report:
             differ.append("loss_weights")
         return differ
 
-    def monitored(self, monitor: str) -> float:
-        """The monitored loss: `val_loss` falls back to `train_loss` when absent."""
-        if monitor == "val_loss" and self.val_loss is not None:
-            return self.val_loss
-        return self.train_loss
-
     @property
     def losses_finite(self) -> bool:
         values = [self.train_loss] + ([self.val_loss] if self.val_loss is not None else [])

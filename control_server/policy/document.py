@@ -32,6 +32,12 @@ class PolicyError(InvalidArgument):
 WeightMix = Mapping[str, float]
 
 
+#: What `plateau.monitor` may name. The Dice monitors read a report's pseudo Dice
+#: (mode max); `ema_pseudo_dice` smooths it as nnU-Net does for its best checkpoint.
+MONITORS = ("val_loss", "train_loss", "pseudo_dice", "ema_pseudo_dice")
+DICE_MONITORS = frozenset({"pseudo_dice", "ema_pseudo_dice"})
+
+
 @dataclass(frozen=True)
 class PlateauConfig:
     """Plateau detection, with the meaning of PyTorch's ReduceLROnPlateau."""
@@ -334,9 +340,12 @@ def _plateau(data: Mapping[str, Any]) -> PlateauConfig:
     ema_alpha = (
         None if ema is None else _number(data, "ema_alpha", s, 0.0, lo=0.0, hi=1.0, lo_open=True)
     )
+    monitor = _choice(data, "monitor", s, d.monitor, MONITORS)
+    mode = _choice(data, "mode", s, d.mode, ("min", "max"))
+    _check_dice_monitor(monitor, mode, ema_alpha)
     return PlateauConfig(
-        monitor=_choice(data, "monitor", s, d.monitor, ("val_loss", "train_loss")),
-        mode=_choice(data, "mode", s, d.mode, ("min", "max")),
+        monitor=monitor,
+        mode=mode,
         patience=_integer(data, "patience", s, d.patience, hi=10_000),
         cooldown=_integer(data, "cooldown", s, d.cooldown, hi=10_000),
         min_delta=_number(data, "min_delta", s, d.min_delta, lo=0.0),
@@ -344,6 +353,24 @@ def _plateau(data: Mapping[str, Any]) -> PlateauConfig:
         warmup_epochs=_integer(data, "warmup_epochs", s, d.warmup_epochs, hi=1_000_000),
         ema_alpha=ema_alpha,
     )
+
+
+def _check_dice_monitor(monitor: str, mode: str, ema_alpha: float | None) -> None:
+    """A Dice is better when higher, and nnU-Net's EMA of it is smoothed already."""
+    if monitor not in DICE_MONITORS:
+        return
+    if mode != "max":
+        raise PolicyError(
+            "plateau.mode",
+            f"must be max when plateau.monitor is {monitor} (higher Dice is better), "
+            f"but got {mode!r}",
+        )
+    if monitor == "ema_pseudo_dice" and ema_alpha is not None:
+        raise PolicyError(
+            "plateau.ema_alpha",
+            "must be null when plateau.monitor is ema_pseudo_dice (it already is nnU-Net's "
+            f"EMA of the pseudo Dice, with alpha 0.1), but got {ema_alpha!r}",
+        )
 
 
 def _weight_mix(value: Any, where: str) -> dict[str, float]:

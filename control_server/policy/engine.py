@@ -16,6 +16,7 @@ any replay decides the same.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -38,8 +39,7 @@ def step(
 ) -> tuple[Verdict, PolicyState]:
     """Pure: decide one report given the state after the previous report."""
     cfg = doc.plateau
-    monitored = _monitored_name(cfg.monitor, report)
-    raw = report.monitored(cfg.monitor)
+    monitored, raw = plateau.monitored_value(cfg, report)
     win = guard.window(doc.guard, state.mark, report)
     state = replace(state, last_epoch=report.epoch, mark=win.mark)
 
@@ -58,10 +58,19 @@ def step(
         # A non-finite value never reaches best, EMA or the counters.
         return _nonfinite(doc, report), state
 
+    sets = override is not None and (override.lr is not None or bool(override.loss_weights))
+    if raw is None or not math.isfinite(raw):
+        # Only a Dice monitor gets here (the losses are finite): best, EMA and the
+        # counters wait for an epoch that has the value; an operator's LR or weights
+        # still apply.
+        if override is not None and sets:
+            return _override_verdict(override, report, plateau_fired=False), state
+        return Verdict(Action.NONE, Source.POLICY, _skipped(monitored, raw)), state
+
     obs = plateau.observe(cfg, state, raw, report.epoch)
     name = plateau.metric_name(cfg, monitored)
 
-    if override is not None and (override.lr is not None or override.loss_weights):
+    if override is not None and sets:
         after = plateau.reset(cfg, obs.state, cooldown=True) if obs.fires else obs.state
         return _override_verdict(override, report, obs.fires), after
 
@@ -142,10 +151,10 @@ def last_verdict(
     return verdict
 
 
-def _monitored_name(monitor: str, report: Report) -> str:
-    if monitor == "val_loss" and report.val_loss is not None:
-        return "val_loss"
-    return "train_loss"
+def _skipped(monitored: str, raw: float | None) -> str:
+    """The reason for an epoch without a usable monitored value."""
+    what = "is not in this report" if raw is None else f"is {num(raw)}, not a finite number"
+    return f"{monitored} {what}; the plateau rule skips this epoch."
 
 
 def _nonfinite(doc: PolicyDoc, report: Report) -> Verdict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from control_server.domain import Action, Report, Source, Verdict
@@ -41,12 +42,25 @@ def is_worse(mode: str, value: float, reference: float, tolerance: float) -> boo
 
 
 def check(
-    cfg: GuardConfig, mode: str, mark: InterventionMark, report: Report, name: str, raw: float
+    cfg: GuardConfig,
+    mode: str,
+    mark: InterventionMark,
+    report: Report,
+    name: str,
+    raw: float | None,
 ) -> Verdict | None:
-    """ROLLBACK when the losses are not finite or `raw` diverged from the mark; else None."""
+    """ROLLBACK when the losses are not finite or `raw` diverged from the mark; else None.
+
+    `raw` is None (or not finite) when a Dice monitor's report has no usable pseudo
+    Dice: there is nothing to compare, so only the losses are checked.
+    """
     if not report.losses_finite:
         what = f"the losses are not finite ({losses(report)})"
-    elif is_worse(mode, raw, mark.value, cfg.rollback_tolerance):
+    elif (
+        raw is not None
+        and math.isfinite(raw)
+        and is_worse(mode, raw, mark.value, cfg.rollback_tolerance)
+    ):
         if mark.value == 0:
             what = f"{name} {num(raw)} is worse than {num(mark.value)}"
         else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from control_server.domain import Report
 from control_server.policy._text import num, nums, pct, pcts
-from control_server.policy.document import PlateauConfig
+from control_server.policy.document import DICE_MONITORS, PlateauConfig
 from control_server.policy.state import PolicyState
 
 
@@ -19,7 +19,7 @@ def monitored_value(cfg: PlateauConfig, report: Report) -> tuple[str, float | No
     """The name of the value the policy compares and its raw value in `report`:
     `val_loss` falls back to `train_loss` when a report has none; the Dice monitors
     read `pseudo_dice` (None when the report has none)."""
-    if cfg.monitor in ("pseudo_dice", "ema_pseudo_dice"):
+    if cfg.monitor in DICE_MONITORS:
         return "pseudo_dice", report.pseudo_dice
     if cfg.monitor == "val_loss" and report.val_loss is not None:
         return "val_loss", report.val_loss
@@ -38,6 +38,23 @@ def is_better(cfg: PlateauConfig, value: float, best: float | None) -> bool:
     if cfg.mode == "min":
         return value < best * (1 - t if best >= 0 else 1 + t)
     return value > best * (1 + t if best >= 0 else 1 - t)
+
+
+#: nnU-Net's own smoothing of the pseudo Dice: ema = 0.9 * ema + 0.1 * dice, seeded
+#: with the first value (nnUNetTrainer.on_validation_epoch_end's ema_fg_dice).
+NNUNET_DICE_EMA_ALPHA = 0.1
+
+
+def smoothing(cfg: PlateauConfig) -> float | None:
+    """The EMA alpha applied to the monitored value; None when it is compared raw.
+
+    `ema_pseudo_dice` smooths as nnU-Net does, so the compared value is the
+    ema_fg_dice nnU-Net selects its best checkpoint by (when every epoch reports a
+    pseudo Dice: an epoch without one leaves the EMA as it was).
+    """
+    if cfg.monitor == "ema_pseudo_dice":
+        return NNUNET_DICE_EMA_ALPHA
+    return cfg.ema_alpha
 
 
 @dataclass(frozen=True)
@@ -61,8 +78,9 @@ def observe(cfg: PlateauConfig, state: PolicyState, raw: float, epoch: int) -> O
     """Fold one finite monitored value into the counters (ReduceLROnPlateau.step)."""
     ema = state.ema
     value = raw
-    if cfg.ema_alpha is not None:
-        ema = raw if ema is None else cfg.ema_alpha * raw + (1 - cfg.ema_alpha) * ema
+    alpha = smoothing(cfg)
+    if alpha is not None:
+        ema = raw if ema is None else alpha * raw + (1 - alpha) * ema
         value = ema
     improved = is_better(cfg, value, state.best)
     best = value if improved else state.best
@@ -90,7 +108,9 @@ def reset(cfg: PlateauConfig, state: PolicyState, *, cooldown: bool) -> PolicySt
 
 
 def metric_name(cfg: PlateauConfig, monitored: str) -> str:
-    """How reasons name the compared value ("val_loss", "val_loss EMA")."""
+    """How reasons name the compared value ("val_loss", "val_loss EMA", "ema_pseudo_dice")."""
+    if cfg.monitor == "ema_pseudo_dice":
+        return "ema_pseudo_dice"
     return monitored if cfg.ema_alpha is None else f"{monitored} EMA"
 
 
