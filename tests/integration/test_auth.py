@@ -48,11 +48,24 @@ OPERATOR_RPCS = {
         "SetOverride",
         "ClearOverride",
         "ListOverrides",
+        "GetEffectSummary",
+        "GetExperiment",
+        "ListExperiments",
+        "GetExperimentReport",
     )
 }
 ADMIN_RPCS = OPERATOR_RPCS | {
     f"/{ADMIN_SERVICE}/{name}"
-    for name in ("PutPolicy", "ActivatePolicy", "PinPolicy", "UnpinPolicy", "SetShadowPolicy")
+    for name in (
+        "PutPolicy",
+        "ActivatePolicy",
+        "PinPolicy",
+        "UnpinPolicy",
+        "SetShadowPolicy",
+        "StartExperiment",
+        "PromoteExperiment",
+        "EndExperiment",
+    )
 }
 ALLOWED = {"trainer": TRAINER_RPCS, "operator": OPERATOR_RPCS, "admin": ADMIN_RPCS}
 

@@ -192,6 +192,9 @@ def test_every_rpc_of_the_proto_is_in_the_role_table() -> None:
         "PinPolicy",
         "UnpinPolicy",
         "SetShadowPolicy",
+        "StartExperiment",
+        "PromoteExperiment",
+        "EndExperiment",
     }
 
 
