@@ -274,6 +274,15 @@ def test_every_readme_grpcurl_command_works(server: ServerThread) -> None:
     ended = single("ControlAdmin/EndExperiment")
     assert ended["status"] == "ENDED" and "promoted_arm" not in ended
 
+    # The override of epoch 1 and what followed it, per epoch and summed.
+    judged = outputs("ControlAdmin/GetRun")[2][0]["epochs"]
+    assert [e["decision"]["epoch"] for e in judged if "effect" in e] == ["1"]  # int64: text
+    effect = judged[1]["effect"]
+    assert (effect["kind"], effect["horizon"], effect["metric"]) == ("override", 3, "val_loss")
+    effects = single("ControlAdmin/GetEffectSummary")
+    assert effects["decisions"] == 1
+    assert [(g["key"], g["count"]) for g in effects["by_kind"]] == [("override", 1)]
+
 
 def test_the_authenticated_lines_run_against_an_auth_server(
     make_server: Callable[..., ServerThread], tmp_path: Path
