@@ -599,6 +599,10 @@ def test_every_readme_controlctl_line_works(
     assert "+  patience: 2" in diff.splitlines()
     listed = next(out for command, out in outputs.items() if command.endswith("policy list"))
     assert f"{version}  candidate" in listed and "active" in listed.splitlines()[-1]
+    effects = next(out for command, out in outputs.items() if "controlctl effects" in command)
+    assert effects.startswith("1 interventions, overrides and rollbacks in 1 runs"), effects
+    kinds = effects.split("\nKIND ", 1)[1].splitlines()
+    assert kinds[1].split()[:2] == ["1", "1"]  # the intervention of epoch 5, kind 1
     experiments = next(out for command, out in outputs.items() if "experiment list" in command)
     assert "patience-2" in experiments
     report = next(out for command, out in outputs.items() if "experiment report" in command)
