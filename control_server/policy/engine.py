@@ -99,6 +99,9 @@ def step(
         text = (
             f"{detected}, but the budget of {budget} interventions is spent; "
             "no more automatic interventions."
+            if budget
+            else f"{detected}; policy {doc.name} never intervenes "
+            "(interventions.max_interventions is 0)."
         )
         return Verdict(Action.NONE, Source.POLICY, text), after
 

@@ -70,6 +70,12 @@ def test_new_runs_get_their_arm_at_start_run_and_observe_only_runs_are_never_ste
         actions = {d.action for d in decisions}
         if arm == "observe":
             assert steered_by == {OBSERVE_ONLY.version} and actions == {pb.NONE}
+            assert any(
+                d.reason.endswith(
+                    "; policy observe-only never intervenes (interventions.max_interventions is 0)."
+                )
+                for d in decisions
+            )
         else:
             assert steered_by == {EAGER_VERSION} and pb.INTERVENE in actions
     listed = stubs.admin.ListRuns(pb.ListRunsRequest()).runs

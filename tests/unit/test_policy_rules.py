@@ -175,7 +175,9 @@ def test_zero_budget_never_intervenes() -> None:
     policy = doc(interventions={"max_interventions": 0})
     verdict, _ = step(policy, VERSION, DUE, policy_report())
     assert verdict.action is Action.NONE
-    assert "the budget of 0 interventions is spent" in verdict.reason
+    assert verdict.reason.endswith(
+        "; policy default never intervenes (interventions.max_interventions is 0)."
+    )
 
 
 def test_intervention_sets_cooldown_and_a_guard_mark() -> None:
