@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test wheel fuzz bench proto proto-check lint typecheck clean
+.PHONY: demo test wheel fuzz bench outcome proto proto-check lint typecheck clean
 
 # torch first, and pinned again beside the project: the nnunet extra pulls
 # timm -> torchvision, whose newest release would otherwise drag in a newer
@@ -37,6 +37,12 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench.py
+
+# Does control help? Real nnU-Net trainings per arm and seed through a policy experiment
+# (about 30 min on 2 cores); e.g. OUTCOME_ARGS="--seeds 5 --epochs 40" or "--small".
+OUTCOME_ARGS ?=
+outcome: $(STAMP)
+	$(PY) benchmarks/outcome.py $(OUTCOME_ARGS)
 
 # Regenerate the committed API code from proto/ (pinned grpcio-tools in [dev]).
 proto: $(STAMP)
