@@ -414,7 +414,9 @@ def run(settings: Settings) -> int:
         "",
         "Δ: mean of the paired differences in final Dice (pairs: same fold and seed), "
         "95% bootstrap CI; win: share of pairs the arm won. 'vs observe' is the server's "
-        "experiment report (pair_by fold); 'vs stock' the same functions applied here.",
+        "experiment report (pair_by fold); 'vs stock' the same functions applied here. "
+        "rollbacks: (epochs from the intervention to its rollback). epochs to best: of the "
+        "EMA pseudo Dice. wall time: the arm's trainings summed, each beside another one.",
         "detectable difference (80% power, two-sided 5%, t approximation): "
         f"paired {_dice(mdd['paired'])} (sd of arm - stock pooled over the arms that "
         f"intervene, {', '.join(NOT_NOISE_ARMS)} excluded), unpaired {_dice(mdd['unpaired'])} "
