@@ -439,15 +439,19 @@ def effect_to_proto(effect: Effect) -> pb.InterventionEffect:
         loss_mix=effect.loss_mix,
         kind=effect.kind,
     )
-    if effect.best_after is not None:
-        msg.best_after = effect.best_after
-    if effect.relative_change is not None:
-        msg.relative_change = effect.relative_change
-    if effect.epochs_to_new_best is not None:
-        msg.epochs_to_new_best = effect.epochs_to_new_best
-    if effect.rolled_back_at_epoch is not None:
-        msg.rolled_back_at_epoch = effect.rolled_back_at_epoch
+    _set_present(
+        msg, effect, ("best_after", "relative_change", "epochs_to_new_best", "rolled_back_at_epoch")
+    )
     return msg
+
+
+def _set_present(msg: Any, source: object, names: tuple[str, ...]) -> None:
+    """Copy the optional fields `names` of `source` that are not None into `msg`
+    (an unset optional field reads as absent, not as 0)."""
+    for name in names:
+        value = getattr(source, name)
+        if value is not None:
+            setattr(msg, name, value)
 
 
 def _or_nan(value: float | None) -> float:
@@ -474,12 +478,9 @@ def _effect_group_to_proto(group: EffectGroup) -> pb.EffectGroup:
         new_best=group.new_best,
         rolled_back=group.rolled_back,
     )
-    if group.mean_relative_change is not None:
-        msg.mean_relative_change = group.mean_relative_change
-    if group.median_relative_change is not None:
-        msg.median_relative_change = group.median_relative_change
-    if group.mean_epochs_to_new_best is not None:
-        msg.mean_epochs_to_new_best = group.mean_epochs_to_new_best
+    _set_present(
+        msg, group, ("mean_relative_change", "median_relative_change", "mean_epochs_to_new_best")
+    )
     return msg
 
 
@@ -705,19 +706,13 @@ def experiment_to_proto(e: Experiment) -> pb.Experiment:
 
 def _distribution_to_proto(d: Distribution) -> pb.Distribution:
     msg = pb.Distribution(n=d.n)
-    for name in ("mean", "median", "sd", "min", "max"):
-        value = getattr(d, name)
-        if value is not None:
-            setattr(msg, name, value)
+    _set_present(msg, d, ("mean", "median", "sd", "min", "max"))
     return msg
 
 
 def _comparison_to_proto(c: Comparison) -> pb.ArmComparison:
     msg = pb.ArmComparison(paired=c.paired, n=c.n, method=c.method)
-    for name in ("difference", "ci_low", "ci_high", "p_value", "win_rate"):
-        value = getattr(c, name)
-        if value is not None:
-            setattr(msg, name, value)
+    _set_present(msg, c, ("difference", "ci_low", "ci_high", "p_value", "win_rate"))
     return msg
 
 
