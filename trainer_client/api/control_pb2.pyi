@@ -35,6 +35,15 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILED: _ClassVar[RunStatus]
     STALE: _ClassVar[RunStatus]
 
+class RunFlag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_FLAG_UNSPECIFIED: _ClassVar[RunFlag]
+    FLAG_ROLLED_BACK: _ClassVar[RunFlag]
+    FLAG_NON_FINITE: _ClassVar[RunFlag]
+    FLAG_BUDGET_SPENT: _ClassVar[RunFlag]
+    FLAG_STALE: _ClassVar[RunFlag]
+    FLAG_OVERRIDE: _ClassVar[RunFlag]
+
 class ExperimentStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EXPERIMENT_STATUS_UNSPECIFIED: _ClassVar[ExperimentStatus]
@@ -55,6 +64,12 @@ COMPLETED: RunStatus
 STOPPED: RunStatus
 FAILED: RunStatus
 STALE: RunStatus
+RUN_FLAG_UNSPECIFIED: RunFlag
+FLAG_ROLLED_BACK: RunFlag
+FLAG_NON_FINITE: RunFlag
+FLAG_BUDGET_SPENT: RunFlag
+FLAG_STALE: RunFlag
+FLAG_OVERRIDE: RunFlag
 EXPERIMENT_STATUS_UNSPECIFIED: ExperimentStatus
 RUNNING: ExperimentStatus
 ENDED: ExperimentStatus
@@ -196,7 +211,7 @@ class StartRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., trainer_name: _Optional[str] = ..., trainer_version: _Optional[str] = ..., resume_from_epoch: _Optional[int] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
-    __slots__ = ("attempt", "policy_version", "history_reset", "superseded_epochs", "message", "experiment", "arm")
+    __slots__ = ("attempt", "policy_version", "history_reset", "superseded_epochs", "message", "experiment", "arm", "trend_points")
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_RESET_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +219,7 @@ class StartRunResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    TREND_POINTS_FIELD_NUMBER: _ClassVar[int]
     attempt: int
     policy_version: str
     history_reset: bool
@@ -211,7 +227,8 @@ class StartRunResponse(_message.Message):
     message: str
     experiment: str
     arm: str
-    def __init__(self, attempt: _Optional[int] = ..., policy_version: _Optional[str] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., message: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
+    trend_points: int
+    def __init__(self, attempt: _Optional[int] = ..., policy_version: _Optional[str] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., message: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., trend_points: _Optional[int] = ...) -> None: ...
 
 class FinishRunRequest(_message.Message):
     __slots__ = ("run_id", "attempt", "status", "error", "metrics")
@@ -273,7 +290,7 @@ class RunAttempt(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resume_from_epoch: _Optional[int] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., trainer_name: _Optional[str] = ..., trainer_version: _Optional[str] = ..., policy_version: _Optional[str] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ...) -> None: ...
 
 class RunSummary(_message.Message):
-    __slots__ = ("run_id", "labels", "last_epoch", "report_count", "intervention_count", "current_lr", "last_decision", "first_seen", "last_seen", "status", "attempt", "rollback_count", "best_value", "final_metrics", "finished_at", "error", "experiment", "arm")
+    __slots__ = ("run_id", "labels", "last_epoch", "report_count", "intervention_count", "current_lr", "last_decision", "first_seen", "last_seen", "status", "attempt", "rollback_count", "best_value", "final_metrics", "finished_at", "error", "experiment", "arm", "flags", "monitored", "monitored_mode", "trend")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     LAST_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +309,10 @@ class RunSummary(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    MONITORED_FIELD_NUMBER: _ClassVar[int]
+    MONITORED_MODE_FIELD_NUMBER: _ClassVar[int]
+    TREND_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     labels: RunLabels
     last_epoch: int
@@ -310,7 +331,11 @@ class RunSummary(_message.Message):
     error: str
     experiment: str
     arm: str
-    def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., last_epoch: _Optional[int] = ..., report_count: _Optional[int] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., last_decision: _Optional[_Union[Decision, _Mapping]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., rollback_count: _Optional[int] = ..., best_value: _Optional[float] = ..., final_metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
+    flags: _containers.RepeatedScalarFieldContainer[RunFlag]
+    monitored: str
+    monitored_mode: str
+    trend: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., last_epoch: _Optional[int] = ..., report_count: _Optional[int] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., last_decision: _Optional[_Union[Decision, _Mapping]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., rollback_count: _Optional[int] = ..., best_value: _Optional[float] = ..., final_metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., flags: _Optional[_Iterable[_Union[RunFlag, str]]] = ..., monitored: _Optional[str] = ..., monitored_mode: _Optional[str] = ..., trend: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("dataset", "configuration", "fold", "limit", "status", "experiment", "arm")
@@ -889,3 +914,106 @@ class EndExperimentRequest(_message.Message):
     name: str
     reason: str
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("at", "actor", "action", "target", "details", "result")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    at: _timestamp_pb2.Timestamp
+    actor: str
+    action: str
+    target: str
+    details: _struct_pb2.Struct
+    result: str
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., result: _Optional[str] = ...) -> None: ...
+
+class ListAuditEventsRequest(_message.Message):
+    __slots__ = ("actor", "action", "target", "since", "until", "limit")
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    actor: str
+    action: str
+    target: str
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    limit: int
+    def __init__(self, actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListAuditEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ...) -> None: ...
+
+class ReplayPolicyRequest(_message.Message):
+    __slots__ = ("version", "yaml", "selector", "limit", "max_differences")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    YAML_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_DIFFERENCES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    yaml: str
+    selector: RunSelector
+    limit: int
+    max_differences: int
+    def __init__(self, version: _Optional[str] = ..., yaml: _Optional[str] = ..., selector: _Optional[_Union[RunSelector, _Mapping]] = ..., limit: _Optional[int] = ..., max_differences: _Optional[int] = ...) -> None: ...
+
+class ReplayDifference(_message.Message):
+    __slots__ = ("run_id", "epoch", "recorded", "candidate")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    epoch: int
+    recorded: Decision
+    candidate: Decision
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., recorded: _Optional[_Union[Decision, _Mapping]] = ..., candidate: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
+
+class ReplayPolicyResponse(_message.Message):
+    __slots__ = ("version", "name", "runs", "decisions", "differing", "runs_differing", "by_transition", "differences")
+    class ByTransitionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    DIFFERING_FIELD_NUMBER: _ClassVar[int]
+    RUNS_DIFFERING_FIELD_NUMBER: _ClassVar[int]
+    BY_TRANSITION_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    name: str
+    runs: int
+    decisions: int
+    differing: int
+    runs_differing: int
+    by_transition: _containers.ScalarMap[str, int]
+    differences: _containers.RepeatedCompositeFieldContainer[ReplayDifference]
+    def __init__(self, version: _Optional[str] = ..., name: _Optional[str] = ..., runs: _Optional[int] = ..., decisions: _Optional[int] = ..., differing: _Optional[int] = ..., runs_differing: _Optional[int] = ..., by_transition: _Optional[_Mapping[str, int]] = ..., differences: _Optional[_Iterable[_Union[ReplayDifference, _Mapping]]] = ...) -> None: ...
+
+class WhoAmIRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Caller(_message.Message):
+    __slots__ = ("name", "role")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...

@@ -272,6 +272,21 @@ class ControlAdminStub:
                 request_serializer=trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.SerializeToString,
                 response_deserializer=trainer__client_dot_api_dot_control__pb2.ShadowSummary.FromString,
                 _registered_method=True)
+        self.ReplayPolicy = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/ReplayPolicy',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.ReplayPolicyRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ReplayPolicyResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/WhoAmI',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.Caller.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/trainingcontrol.v1.ControlAdmin/ListAuditEvents',
+                request_serializer=trainer__client_dot_api_dot_control__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=trainer__client_dot_api_dot_control__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
         self.GetEffectSummary = channel.unary_unary(
                 '/trainingcontrol.v1.ControlAdmin/GetEffectSummary',
                 request_serializer=trainer__client_dot_api_dot_control__pb2.GetEffectSummaryRequest.SerializeToString,
@@ -407,6 +422,28 @@ class ControlAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplayPolicy(self, request, context):
+        """What a candidate policy would have decided on the recorded runs (read-only:
+        nothing is stored, nothing reaches a trainer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """The caller's name and role (the console's sign-in).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Who did what through ControlAdmin, and how it ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetEffectSummary(self, request, context):
         """Effects of interventions, overrides and rollbacks summed per policy version,
         kind (intervention index), gradient-norm bucket and loss mix.
@@ -533,6 +570,21 @@ def add_ControlAdminServicer_to_server(servicer, server):
                     servicer.GetShadowSummary,
                     request_deserializer=trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.FromString,
                     response_serializer=trainer__client_dot_api_dot_control__pb2.ShadowSummary.SerializeToString,
+            ),
+            'ReplayPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayPolicy,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.ReplayPolicyRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ReplayPolicyResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.WhoAmIRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.Caller.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=trainer__client_dot_api_dot_control__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=trainer__client_dot_api_dot_control__pb2.ListAuditEventsResponse.SerializeToString,
             ),
             'GetEffectSummary': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEffectSummary,
@@ -975,6 +1027,87 @@ class ControlAdmin:
             '/trainingcontrol.v1.ControlAdmin/GetShadowSummary',
             trainer__client_dot_api_dot_control__pb2.GetShadowSummaryRequest.SerializeToString,
             trainer__client_dot_api_dot_control__pb2.ShadowSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/ReplayPolicy',
+            trainer__client_dot_api_dot_control__pb2.ReplayPolicyRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ReplayPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/WhoAmI',
+            trainer__client_dot_api_dot_control__pb2.WhoAmIRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.Caller.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainingcontrol.v1.ControlAdmin/ListAuditEvents',
+            trainer__client_dot_api_dot_control__pb2.ListAuditEventsRequest.SerializeToString,
+            trainer__client_dot_api_dot_control__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
