@@ -1,4 +1,4 @@
-"""`control-server serve | replay | token`: the server's entry point."""
+"""`control-server serve | replay | console | token`: the server's entry point."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from control_server.tokens import create_token, load_tokens, revoke_token
 from control_server.usage import misplaced_option
 from control_server.watch import MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_TOKEN
 from trainer_client.client import is_loopback
+from trainer_client.config import ClientConfig, target_problem
 
 logger = logging.getLogger("control_server")
 
@@ -220,6 +221,62 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _console(args: argparse.Namespace, config: ClientConfig) -> None:
+    from control_server.console.app import start_console
+    from control_server.console.client import Admin
+
+    running = await start_console(
+        Admin(config), args.listen, tls_cert=args.https_cert, tls_key=args.https_key
+    )
+    scheme = "https" if args.https_cert else "http"
+    host = args.listen.rpartition(":")[0] or "0.0.0.0"
+    # The one line scripts parse to find the port (the demo, tests with port 0).
+    print(
+        f"control-server console: serving on {scheme}://{host}:{running.port}/ "
+        f"for the server at {config.target}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
+    print("control-server console: stopped", flush=True)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    problem = _listen_problem(args.listen)
+    if problem is not None:
+        raise ValueError(f"--listen must be HOST:PORT, but got {args.listen!r} ({problem})")
+    problem = target_problem(args.server)
+    if problem is not None:
+        raise ValueError(f"--server must be HOST:PORT, but got {args.server!r} ({problem})")
+    if (args.https_cert is None) != (args.https_key is None):
+        raise ValueError("--https-cert and --https-key must be given together")
+    if not is_loopback(args.listen) and args.https_cert is None and not args.insecure:
+        print(
+            f"control-server console: refusing to listen on {args.listen} beyond loopback "
+            "without TLS: people's tokens would cross the network in clear text; pass "
+            "--https-cert/--https-key (or --insecure to do it anyway)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.https_cert is not None:
+        _check_certificate_dates(args.https_cert, allow=False)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key must be given together")
+    config = ClientConfig(
+        target=args.server, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    )
+    try:
+        asyncio.run(_console(args, config))
+    except OSError as error:
+        print(f"control-server console: --listen {args.listen}: {error.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="control-server", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -315,6 +372,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="what-if: decide with this YAML policy instead of the recorded ones",
     )
     replay.set_defaults(func=cmd_replay)
+
+    console = sub.add_parser(
+        "console",
+        help="serve the operators' web console (a client of the server's ControlAdmin API)",
+    )
+    console.add_argument(
+        "--server", default="127.0.0.1:50051", help="the control server, HOST:PORT"
+    )
+    console.add_argument(
+        "--listen", default="127.0.0.1:8080", help="HOST:PORT to serve HTTP on (port 0: any)"
+    )
+    console.add_argument("--tls-ca", type=Path, help="PEM CA bundle to verify the server with")
+    console.add_argument("--tls-cert", type=Path, help="PEM client certificate for the server")
+    console.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    console.add_argument("--https-cert", type=Path, help="PEM certificate chain: serve HTTPS")
+    console.add_argument("--https-key", type=Path, help="PEM private key of --https-cert")
+    console.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond loopback without --https-cert",
+    )
+    console.set_defaults(func=cmd_console)
 
     token = sub.add_parser("token", help="manage the bearer tokens of an auth file")
     token_sub = token.add_subparsers(dest="token_command", required=True)
