@@ -159,12 +159,16 @@ def format_number(value: float | None, digits: int = 4) -> str:
 def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
     """`template` with the signed-in person and the CSRF token every form needs."""
     found = request.get("session")
-    body = console(request).templates.get_template(template).render(
-        session=found,
-        csrf=found.csrf if found else "",
-        path=request.path_qs,
-        nav=request.path.split("/")[1] or "fleet",
-        **context,
+    body = (
+        console(request)
+        .templates.get_template(template)
+        .render(
+            session=found,
+            csrf=found.csrf if found else "",
+            path=request.path_qs,
+            nav=request.path.split("/")[1] or "fleet",
+            **context,
+        )
     )
     return web.Response(text=body, status=status, content_type="text/html")
 
