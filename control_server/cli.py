@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from control_server import logs
 from control_server.app import ServerConfig, start_server
@@ -30,11 +31,16 @@ from control_server.watch import MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_TOKEN
 from trainer_client.client import is_loopback
 from trainer_client.config import ClientConfig, target_problem
 
+if TYPE_CHECKING:
+    from control_server.console.client import Admin
+
 logger = logging.getLogger("control_server")
 
 DEFAULT_STORE = "sqlite:///control.db"
 #: The flag of each listen address of `ServerConfig`, for the errors that name them.
 _LISTEN_FLAGS = {"listen": "--listen", "metrics_listen": "--metrics-listen"}
+#: Seconds the console waits, at start, for its server to answer before warning.
+_CONSOLE_PROBE_S = 5.0
 
 
 async def _serve(config: ServerConfig) -> None:
@@ -225,8 +231,9 @@ async def _console(args: argparse.Namespace, config: ClientConfig) -> None:
     from control_server.console.app import start_console
     from control_server.console.client import Admin
 
+    admin = Admin(config)
     running = await start_console(
-        Admin(config), args.listen, tls_cert=args.https_cert, tls_key=args.https_key
+        admin, args.listen, tls_cert=args.https_cert, tls_key=args.https_key
     )
     scheme = "https" if args.https_cert else "http"
     host = args.listen.rpartition(":")[0] or "0.0.0.0"
@@ -240,9 +247,34 @@ async def _console(args: argparse.Namespace, config: ClientConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    problem = await _console_server_problem(admin)
+    if problem is not None:
+        # Served all the same: the server may come up later, and each page says the same.
+        print(f"control-server console: warning: {problem}", file=sys.stderr, flush=True)
     await stop.wait()
     await running.stop()
     print("control-server console: stopped", flush=True)
+
+
+async def _console_server_problem(admin: Admin) -> str | None:
+    """Why the console cannot use its server (None: it answers): a wrong --server or
+    TLS options show at start, not only on the first page a person opens."""
+    import grpc
+
+    from trainer_client.api import control_pb2 as pb
+
+    try:
+        await asyncio.wait_for(admin.call("WhoAmI", pb.WhoAmIRequest(), None), _CONSOLE_PROBE_S)
+    except TimeoutError:
+        return f"the server at {admin.target} did not answer within {_CONSOLE_PROBE_S:g} s"
+    except grpc.aio.AioRpcError as error:
+        if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return None  # it answers; people sign in with their own tokens
+        return (
+            f"cannot use the server at {admin.target} ({error.code().name}: "
+            f"{error.details()}); pages say so until it answers"
+        )
+    return None
 
 
 def cmd_console(args: argparse.Namespace) -> int:
