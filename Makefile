@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]' torch==2.13.0
 	@touch $(STAMP)
 
+# DEMO_ARGS=--keep leaves a server and the console running on the demo's store.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) demo/demo.py
+	$(PY) demo/demo.py $(DEMO_ARGS)
 
 test: $(STAMP) proto-check lint
 	$(PY) -m pytest -q

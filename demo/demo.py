@@ -14,6 +14,12 @@ the server. Everything lands under var/demo/.
 simulated trainer whose second intervention collapses, so every kind of
 decision shows up, including a rollback. It has its own folder,
 var/demo-simulated/, so it never touches what the real demo made.
+
+Both end by printing how to see the run in the console (`control-server console`,
+the operators' web console). With ``--keep`` they leave a server and a console
+running on the demo's store instead, detached from the demo (their output in
+server.log and console.log, their PIDs printed and kept in kept.pids); the next
+demo in the same folder stops them first.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,13 +47,20 @@ DATASET_ID = 42
 NNUNET_RUN_ID = "Dataset042_Disc__nnUNetTrainerControlled__nnUNetPlans__2d__fold_0"
 SIM_RUN_ID = "demo-Dataset042_Disc-2d-fold0"
 SIM_EPOCHS = 40
+#: The console's port with --keep (a free one when it is taken).
+CONSOLE_PORT = 8080
+#: Seconds a detached server or console may take to print its serving line.
+START_TIMEOUT_S = 30.0
+KEPT_PIDS = "kept.pids"
 # Lines of the trainer's output worth showing live (the full log is kept).
 _SHOWN = re.compile(r"training control:|Mean Validation Dice|Traceback|Error")
 
 
 def fresh(work: Path) -> None:
-    """Create `work`, removing what an earlier demo left there (and nothing else)."""
+    """Create `work`, removing what an earlier demo left there (and nothing else);
+    a server and console an earlier ``--keep`` left running on it are stopped first."""
     work.mkdir(parents=True, exist_ok=True)
+    stop_kept(work)
     for name in (
         "nnunet",
         "control.db",
@@ -54,6 +68,9 @@ def fresh(work: Path) -> None:
         "control.db-shm",
         "training.log",
         "timeline.png",
+        "server.log",
+        "console.log",
+        KEPT_PIDS,
     ):
         path = work / name
         if path.is_dir():
@@ -94,6 +111,134 @@ def start_server(store: str, policy: Path) -> tuple[subprocess.Popen[str], str]:
 def stop_server(server: subprocess.Popen[str]) -> None:
     server.terminate()
     server.communicate(timeout=30)
+
+
+# --- the console ---------------------------------------------------------------------
+
+
+def control_server_command() -> str:
+    """How to call `control-server` from here: the venv's script when there is one."""
+    script = Path(sys.executable).parent / "control-server"
+    if script.exists():
+        return os.path.relpath(script) if script.is_relative_to(Path.cwd()) else str(script)
+    return f"{sys.executable} -m control_server.cli"
+
+
+def print_console_hint(store: str, keep_flags: str) -> None:
+    """How to see the demo's store in the console (the demo's own server is stopped)."""
+    command = control_server_command()
+    print(
+        "\nSee it in the browser: run these two, each in a terminal of its own, and open\n"
+        "the console (the operators' web console on the demo's store):\n"
+        f"  {command} serve --listen 127.0.0.1:50051 --store {store}\n"
+        f"  {command} console --server 127.0.0.1:50051 --listen 127.0.0.1:{CONSOLE_PORT}\n"
+        f"Console: http://127.0.0.1:{CONSOLE_PORT}/   "
+        f"(or run the demo with {keep_flags} to leave both running)"
+    )
+
+
+def start_detached(
+    argv: list[str], log: Path, what: str
+) -> tuple[subprocess.Popen[bytes], str | None]:
+    """Start `argv` in a session of its own (it outlives the demo), output to `log`;
+    wait for its "control-server WHAT: serving on ADDRESS" line: (process, the address,
+    or None when it exited first)."""
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    prefix = "control-server" if what == "server" else f"control-server {what}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        match = re.search(rf"^{prefix}: serving on (\S+)", log.read_text(errors="replace"), re.M)
+        if match:
+            return proc, match.group(1)
+        if proc.poll() is not None:
+            return proc, None
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"demo: the {what} did not start within {START_TIMEOUT_S:g} s; see {log}")
+
+
+def keep_running(work: Path, store: str, console_port: int) -> None:
+    """A server and a console on the demo's store, left running when the demo exits."""
+    python = [sys.executable, "-m", "control_server.cli"]
+    server, target = start_detached(
+        [*python, "serve", "--listen", "127.0.0.1:0", "--store", store],
+        work / "server.log",
+        "server",
+    )
+    if target is None:
+        raise SystemExit(f"demo: the server did not start; see {work / 'server.log'}")
+    console_log = work / "console.log"
+
+    def console_on(port: int) -> tuple[subprocess.Popen[bytes], str | None]:
+        listen = f"127.0.0.1:{port}"
+        return start_detached(
+            [*python, "console", "--server", target, "--listen", listen], console_log, "console"
+        )
+
+    console, url = console_on(console_port)
+    if url is None and console_port != 0:
+        said = console_log.read_text(errors="replace").strip().splitlines()
+        print(
+            f"\ndemo: the console could not listen on port {console_port} "
+            f"({said[-1] if said else 'no output'}); it listens on a free port instead"
+        )
+        console, url = console_on(0)
+    if url is None:
+        server.terminate()
+        raise SystemExit(f"demo: the console did not start; see {console_log}")
+    (work / KEPT_PIDS).write_text(f"{server.pid}\n{console.pid}\n")
+    print(
+        f"\nServer: {target} on {store} (PID {server.pid}, log {work / 'server.log'})\n"
+        f"Console: {url} (PID {console.pid}, log {console_log})\n"
+        f"Both keep running; stop them with: kill {server.pid} {console.pid}",
+        flush=True,
+    )
+
+
+def stop_kept(work: Path) -> None:
+    """Stop the server and console an earlier ``--keep`` left on `work` (those of its
+    PIDs that are still ours: a `control_server.cli` process)."""
+    pid_file = work / KEPT_PIDS
+    if not pid_file.exists():
+        return
+    stopped = []
+    for pid in (int(line) for line in pid_file.read_text().split() if line.isdigit()):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"control_server.cli" not in command:
+            continue
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        stopped.append(pid)
+    deadline = time.monotonic() + 20
+    while stopped and time.monotonic() < deadline and any(_alive(p) for p in stopped):
+        time.sleep(0.1)
+    if stopped:
+        print(
+            "demo: stopped the server and console an earlier --keep left running "
+            f"(PIDs {' '.join(map(str, stopped))})",
+            flush=True,
+        )
+    pid_file.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def get_run(target: str, run_id: str) -> pb.GetRunResponse:
@@ -164,7 +309,7 @@ def train(target: str, env: dict[str, str], epochs: int, iterations: int, log: P
         return trainer.wait()
 
 
-def real(work: Path, epochs: int, iterations: int) -> int:
+def real(work: Path, epochs: int, iterations: int, keep: bool, console_port: int) -> int:
     """The real demo; returns the exit code."""
     from control_server.ctl.plot import format_timeline, plot_run, timeline_rows
     from trainer_client.nnunet.synthetic import make_disc_dataset, nnunet_env, plan_and_preprocess
@@ -206,6 +351,10 @@ def real(work: Path, epochs: int, iterations: int) -> int:
         stop_server(server)
     code = replay(store)
     print(f"\nStore: {work / 'control.db'}   ({time.monotonic() - started:.0f} s in all)")
+    if keep:
+        keep_running(work, store, console_port)
+    else:
+        print_console_hint(store, "make demo DEMO_ARGS=--keep")
     return code
 
 
@@ -231,7 +380,7 @@ def print_audit(target: str) -> None:
         print(f"            {d.reason}")
 
 
-def simulated(work: Path) -> int:
+def simulated(work: Path, keep: bool, console_port: int) -> int:
     fresh(work)
     store = f"sqlite:///{work}/control.db"
     server, target = start_server(store, HERE / "simulated_policy.yaml")
@@ -264,6 +413,10 @@ def simulated(work: Path) -> int:
         stop_server(server)
     code = replay(store)
     print(f"\nStore: {work / 'control.db'}")
+    if keep:
+        keep_running(work, store, console_port)
+    else:
+        print_console_hint(store, "--simulated --keep")
     return code
 
 
@@ -281,6 +434,17 @@ def main() -> int:
         type=Path,
         help="output folder (default var/demo, or var/demo-simulated with --simulated)",
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave a server and the console running on the demo's store (PIDs printed)",
+    )
+    parser.add_argument(
+        "--console-port",
+        type=int,
+        default=CONSOLE_PORT,
+        help=f"with --keep: the console's port (default {CONSOLE_PORT}; a free one when taken)",
+    )
     args = parser.parse_args()
     if args.work is not None:
         work = args.work.resolve()
@@ -290,7 +454,9 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])
     )
-    return simulated(work) if args.simulated else real(work, args.epochs, args.iterations)
+    if args.simulated:
+        return simulated(work, args.keep, args.console_port)
+    return real(work, args.epochs, args.iterations, args.keep, args.console_port)
 
 
 if __name__ == "__main__":
