@@ -35,9 +35,10 @@ fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q \
 		-o timeout=3600 tests/integration/test_fuzz.py
 
-# The trainer's costs first: bench.py's last line is the machine-readable one.
+# The trainer's and the console's costs first: bench.py's last line is the machine-readable one.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_console.py
 	$(PY) benchmarks/bench.py
 
 # Does control help? Real nnU-Net trainings per arm and seed through a policy experiment

@@ -33,3 +33,28 @@ def test_a_small_bench_measures_the_latency_with_watches_open() -> None:
     assert match, lines[-1]
     assert match.group(1) == "50" and float(match.group(2)) > 0
     assert any("latency with 50 idle watch streams open" in line for line in lines)
+
+
+CONSOLE_LINE = re.compile(
+    r"bench-console: fleet_ms=([\d.]+) fleet_bytes=(\d+) run_ms=([\d.]+) run_bytes=(\d+) "
+    r"fleet_vs_grpc=([\d.]+) run_vs_grpc=([\d.]+)"
+)
+
+
+def test_a_small_console_bench_times_the_fleet_and_a_run_page_against_grpc() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_console.py", "--small"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    match = CONSOLE_LINE.fullmatch(lines[-1])
+    assert match, lines[-1]
+    fleet_ms, fleet_bytes, run_ms, run_bytes, fleet_ratio, run_ratio = map(float, match.groups())
+    assert fleet_ms > 0 and run_ms > 0 and fleet_ratio > 0 and run_ratio > 0
+    # The pages were checked by the bench: every run on the fleet, the long run's page.
+    assert fleet_bytes > 10_000 and run_bytes > 1_000
+    assert any(line.startswith("bench-console: filled ") and "50 runs" in line for line in lines)
