@@ -4,6 +4,7 @@ tests/browser's)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from control_server.cli import build_parser
 from tests.certs import make_certs
 from tests.conftest import REPO, ServerProcess
 
@@ -202,3 +204,30 @@ def test_a_server_that_does_not_answer_is_named_at_start_and_on_the_page(
     assert status == 502
     assert "UNAVAILABLE" in page and gone.target in page
     assert fetch(console.url + "healthz") == (200, "ok\n")
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_starts_the_console_as_the_cli_takes_it_and_lists_every_option() -> None:
+    parser = build_parser()
+    block = readme_section("The console").split("```sh\n", 1)[1].split("```", 1)[0]
+    words = block.split()
+    assert words[:2] == [".venv/bin/control-server", "console"]
+    args = parser.parse_args(words[1:])
+    assert (args.server, args.listen) == ("127.0.0.1:50051", "127.0.0.1:8080")
+
+    console = next(
+        action.choices["console"]
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    # The table right after the heading "`control-server console` (see The console)".
+    after = readme_section("Configuration reference").split("`control-server console`", 1)[1]
+    table = after.split("\n\n")[1]
+    for action in console._actions:
+        for flag in action.option_strings:
+            if flag not in ("-h", "--help"):
+                assert f"`{flag}" in table, flag
