@@ -26,10 +26,10 @@ FLEET_LIMIT = 1000
 #: Points of each run's monitored-value sparkline.
 TREND_POINTS = 40
 #: Characters of a run id shown before it is shortened (the full id is in the title).
-RUN_ID_SHOWN = 30
+RUN_ID_SHOWN = 21
 #: Characters of the last reason shown in a row (the full reason is in the title).
 REASON_SHOWN = 70
-SPARK_WIDTH, SPARK_HEIGHT = 90, 22
+SPARK_WIDTH, SPARK_HEIGHT = 72, 20
 
 #: Status word and the symbol shown before it (colour only repeats them).
 STATUS = {
@@ -142,6 +142,8 @@ class Sparkline:
     label: str
     last_x: float
     last_y: float
+    width: int
+    height: int
 
 
 def sparkline(
@@ -168,8 +170,19 @@ def sparkline(
     first, last = finite[0][1], finite[-1][1]
     label = f"{name} from {first:.3g} to {last:.3g} (lowest {low:.3g}, highest {high:.3g})"
     return Sparkline(
-        " ".join(f"{x:.1f},{y:.1f}" for x, y in points), label, points[-1][0], points[-1][1]
+        " ".join(f"{x:.1f},{y:.1f}" for x, y in points),
+        label,
+        points[-1][0],
+        points[-1][1],
+        width,
+        height,
     )
+
+
+def trainer_short(trainer: str) -> str:
+    """nnU-Net's trainer class without its common "nnUNetTrainer" prefix ("Controlled")."""
+    rest = trainer.removeprefix("nnUNetTrainer")
+    return rest if rest and rest != trainer else trainer
 
 
 @dataclass(frozen=True)
@@ -356,6 +369,7 @@ async def fleet_page(request: web.Request) -> web.StreamResponse:
         query=query,
         statuses=list(STATUS_BY_WORD),
         limit=FLEET_LIMIT,
+        trainer_short=trainer_short,
     )
 
 
@@ -364,4 +378,4 @@ async def fleet_rows(request: web.Request) -> web.StreamResponse:
     """The table body alone, for fleet.js when a run it does not show reports."""
     query = FleetQuery.from_query(request.query)
     fleet = await load_fleet(request, query)
-    return render(request, "_fleet_rows.html", fleet=fleet)
+    return render(request, "_fleet_rows.html", fleet=fleet, trainer_short=trainer_short)
