@@ -481,7 +481,13 @@ async def promote_experiment(request: web.Request) -> web.StreamResponse:
         name = _required(form, "name", "the experiment")
         arm = _required(form, "arm", "the arm")
         version = str(form.get("policy_version", "")).strip()
-        policy = f"its policy {version}" if version else "its policy"
+        policy = (
+            "the built-in observe-only policy"
+            if version == "observe-only"
+            else f"its policy {version}"
+            if version
+            else "its policy"
+        )
         how = (
             "pin it to the experiment's selector"
             if _checked(form, "pin")

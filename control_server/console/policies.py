@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,19 +26,46 @@ routes = web.RouteTableDef()
 RUNS_LOOKED_AT = 1000
 
 
+#: The packaged default document: its key order is the order a policy file is read
+#: in (name, description, plateau, interventions, guard), which a Struct forgets.
+_TEMPLATE = yaml.safe_load(
+    (Path(__file__).parent.parent / "builtin_policies" / "default.yaml").read_text()
+)
+
+
 def policy_yaml(policy: pb.Policy) -> str:
-    """The stored document as YAML, in the server's key order. A Struct keeps every
-    number as a double; whole numbers are written back as integers (3, not 3.0)."""
-    document = MessageToDict(policy.document)
-    text: str = yaml.safe_dump(_whole_numbers(document), sort_keys=False, allow_unicode=True)
+    """The stored document as YAML, keys in the policy file's order (unknown keys
+    after, as stored). A Struct keeps every number as a double; whole numbers are
+    written back as integers (3, not 3.0)."""
+    document = _readable(MessageToDict(policy.document), _TEMPLATE)
+    text: str = yaml.dump(document, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
     return text
 
 
-def _whole_numbers(value: Any) -> Any:
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no types
+    """safe_dump, with lists of plain values on one line as the policy file writes
+    them (``lr_scales: [15, 10, 5, 3]``)."""
+
+
+def _list(dumper: yaml.SafeDumper, items: list[Any]) -> yaml.Node:
+    flow = all(not isinstance(item, dict | list) for item in items)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow)
+
+
+_Dumper.add_representer(list, _list)
+
+
+def _readable(value: Any, template: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _whole_numbers(v) for k, v in value.items()}
+        known = list(template) if isinstance(template, dict) else []
+        keys = [k for k in known if k in value] + [k for k in value if k not in known]
+        return {
+            k: _readable(value[k], template.get(k) if isinstance(template, dict) else None)
+            for k in keys
+        }
     if isinstance(value, list):
-        return [_whole_numbers(v) for v in value]
+        item = template[0] if isinstance(template, list) and template else None
+        return [_readable(v, item) for v in value]
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     return value

@@ -62,9 +62,10 @@ def setup(
     return Setup(server, make_console(server), trainer, trainer.admin, tokens)
 
 
-def sign_in(page: Page, console: ConsoleThread, token: str, name: str) -> None:
-    """Through the sign-in form, as a person would: type the token, press Sign in."""
-    page.goto(console.url + "/signin")
+def sign_in(page: Page, console: ConsoleThread, token: str, name: str, then: str) -> None:
+    """Through the sign-in form, as a person would: type the token, press Sign in; the
+    console then shows `then`."""
+    page.goto(f"{console.url}/signin?next={then}")
     page.get_by_label("Token").fill(token)
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#signed-in-as")).to_contain_text(name)
@@ -78,9 +79,17 @@ def test_an_override_set_in_the_console_steers_the_next_decision_and_names_its_s
     )
     setup.trainer.start(run)
     setup.trainer.train(run, 3)
-    sign_in(page, setup.console, setup.tokens["alice"], "alice")
+    sign_in(page, setup.console, setup.tokens["alice"], "alice", f"/runs/{run.state.run_id}")
 
-    page.goto(f"{setup.console.url}/runs/{run.state.run_id}")
+    # A confirmation cancelled with Esc changes nothing.
+    page.get_by_role("button", name="Stop at next report…").click()
+    expect(page.locator("#confirm-what")).to_contain_text(
+        f"Stop run {run.state.run_id} at its next report"
+    )
+    page.keyboard.press("Escape")
+    expect(page).to_have_url(re.compile(f"/runs/{run.state.run_id}$"))
+    assert setup.trainer.step(run).action == pb.NONE
+
     actions = page.locator("#run-actions")
     actions.get_by_label("LR", exact=True).fill("0.02")
     actions.get_by_label("Hold interventions").check()
@@ -120,23 +129,6 @@ def test_an_override_set_in_the_console_steers_the_next_decision_and_names_its_s
     expect(rows.first.locator(".target")).to_have_text(run.state.run_id)
 
 
-def test_a_confirmation_is_cancelled_with_escape_and_nothing_changes(
-    setup: Setup, page: Page
-) -> None:
-    run = SimulatedRun("spleen-2d-fold1", labels={"dataset": "Spleen"}, epochs=10)
-    setup.trainer.start(run)
-    setup.trainer.train(run, 2)
-    sign_in(page, setup.console, setup.tokens["alice"], "alice")
-    page.goto(f"{setup.console.url}/runs/{run.state.run_id}")
-    page.get_by_role("button", name="Stop at next report…").click()
-    expect(page.locator("#confirm-what")).to_contain_text(
-        f"Stop run {run.state.run_id} at its next report"
-    )
-    page.keyboard.press("Escape")
-    expect(page).to_have_url(re.compile(f"/runs/{run.state.run_id}$"))
-    assert setup.trainer.step(run).action == pb.NONE
-
-
 def test_an_operator_sees_no_admin_actions_and_the_server_refuses_them_anyway(
     setup: Setup, page: Page
 ) -> None:
@@ -144,9 +136,8 @@ def test_an_operator_sees_no_admin_actions_and_the_server_refuses_them_anyway(
         pb.PutPolicyRequest(yaml=EAGER_YAML), metadata=setup.as_("root")
     ).policy
     active_before = setup.admin.GetPolicy(pb.GetPolicyRequest(), metadata=setup.as_("root"))
-    sign_in(page, setup.console, setup.tokens["alice"], "alice")
+    sign_in(page, setup.console, setup.tokens["alice"], "alice", "/policies")
 
-    page.goto(setup.console.url + "/policies")
     expect(page.locator(f'#policies tr[data-version="{stored.version}"]')).to_be_visible()
     expect(page.get_by_role("button", name=re.compile("Activate"))).to_have_count(0)
     expect(page.locator("#pin-form")).to_have_count(0)
@@ -188,8 +179,7 @@ def test_an_admin_activates_a_version_after_confirming_it(setup: Setup, page: Pa
     stored = setup.admin.PutPolicy(
         pb.PutPolicyRequest(yaml=EAGER_YAML), metadata=setup.as_("root")
     ).policy
-    sign_in(page, setup.console, setup.tokens["root"], "root")
-    page.goto(setup.console.url + "/policies")
+    sign_in(page, setup.console, setup.tokens["root"], "root", "/policies")
     row = page.locator(f'#policies tr[data-version="{stored.version}"]')
     row.get_by_role("button", name=f"Activate {stored.version}").click()
     expect(page.locator("#confirm-what")).to_contain_text(
@@ -213,8 +203,7 @@ def test_an_admin_starts_an_experiment_sees_its_report_and_promotes_an_arm(
     stored = setup.admin.PutPolicy(
         pb.PutPolicyRequest(yaml=EAGER_YAML), metadata=setup.as_("root")
     ).policy
-    sign_in(page, setup.console, setup.tokens["root"], "root")
-    page.goto(setup.console.url + "/experiments")
+    sign_in(page, setup.console, setup.tokens["root"], "root", "/experiments")
     start = page.locator("#start-experiment")
     start.get_by_label("Name", exact=True).fill("eager-vs-observe")
     start.get_by_label("Dataset").fill("Kidney")
