@@ -49,6 +49,13 @@ def fail(trainer: Trainer, run: SimulatedRun, error: str) -> None:
     )
 
 
+def script_errors(page: Page) -> list[str]:
+    """The page's uncaught script errors from now on (a test ends asserting none)."""
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    return errors
+
+
 def row(page: Page, run_id: str) -> Locator:
     return page.locator(f'#fleet tbody tr[data-run="{run_id}"]')
 
@@ -93,6 +100,7 @@ def test_fleet_shows_each_run_status_and_flags_and_takes_decisions_live(
     trainer.finish(stopped, status=pb.STOPPED, dice=0.61)
 
     console = make_console(server)
+    errors = script_errors(page)
     page.goto(console.url + "/")
     expect(page.locator("#fleet-count")).to_contain_text("8 runs")
 
@@ -142,7 +150,18 @@ def test_fleet_shows_each_run_status_and_flags_and_takes_decisions_live(
     trainer.train(newcomer, 2)
     expect(row(page, newcomer.state.run_id)).to_have_count(1)
     expect(page.locator("#fleet-count")).to_contain_text("9 runs")
+    # A burst of new runs re-reads the table a few times, not once per decision.
+    rereads: list[str] = []
+    page.on("request", lambda r: rereads.append(r.url) if "/fleet/rows" in r.url else None)
+    burst = [sim(nnunet_id("Dataset099_Burst", "2d", fold), epochs=5) for fold in range(5)]
+    for run in burst:
+        trainer.start(run)
+        trainer.train(run, 4)
+    for run in burst:
+        expect(row(page, run.state.run_id).locator('[data-col="epoch"]')).to_have_text("3")
+    assert 1 <= len(rereads) <= 3, rereads
     assert page.evaluate("window.marker") == 1, "the page was reloaded"
+    assert errors == []
 
 
 def test_fleet_sorts_by_keyboard_and_filters_by_status(
@@ -158,6 +177,7 @@ def test_fleet_sorts_by_keyboard_and_filters_by_status(
         trainer.train(run, epochs)
     trainer.finish(runs[1], dice=0.7)
     console = make_console(server)
+    errors = script_errors(page)
     page.goto(console.url + "/")
     order = page.locator("#fleet tbody tr")
     expect(order).to_have_count(3)
@@ -192,6 +212,7 @@ def test_fleet_sorts_by_keyboard_and_filters_by_status(
     page.locator(f'input[name="run"][value="{runs[2].state.run_id}"]').check()
     page.locator("#compare-selected").click()
     expect(page.locator("#compared tbody tr")).to_have_count(2)
+    assert errors == []
 
 
 def test_sparkline_says_what_it_draws() -> None:

@@ -15,7 +15,7 @@ from playwright.sync_api import Page, expect
 from control_server.console import app as console_app
 from control_server.console.run_page import json_script
 from tests.browser.conftest import ConsoleThread, Trainer, screenshot
-from tests.browser.test_fleet import nnunet_id, sim
+from tests.browser.test_fleet import nnunet_id, script_errors, sim
 from tests.conftest import ServerThread
 from trainer_client.api import control_pb2 as pb
 
@@ -46,6 +46,7 @@ def test_run_page_charts_marks_and_explains_each_decision_live(
     )
     trainer.train(run, 2)  # epoch 34: the override's intervention
     console = make_console(server)
+    errors = script_errors(page)
     page.goto(f"{console.url}/runs/{quote(run.state.run_id)}")
 
     expect(page.locator("#chart canvas")).to_have_count(1)
@@ -96,6 +97,7 @@ def test_run_page_charts_marks_and_explains_each_decision_live(
     expect(table.locator("tr[data-epoch]")).to_have_count(5)
     assert page.evaluate("TCRun.data().epochs.length") == 42
     assert page.evaluate("window.marker") == 1, "the page was reloaded"
+    assert errors == []
 
 
 def test_compare_overlays_the_folds_of_a_dataset(
@@ -113,6 +115,7 @@ def test_compare_overlays_the_folds_of_a_dataset(
         trainer.train(run)
         trainer.finish(run)
     console = make_console(server)
+    errors = script_errors(page)
     page.goto(f"{console.url}/runs/{quote(folds[0].state.run_id)}")
     page.locator("#compare-folds").click()
     expect(page.locator("#compared tbody tr")).to_have_count(3)
@@ -130,6 +133,7 @@ def test_compare_overlays_the_folds_of_a_dataset(
     page.locator("#compare-form button[type=submit]").click()
     expect(page.locator("#overlay-h")).to_have_text("pseudo_dice of 2 runs")
     expect(legend).to_contain_text("fold 2: ")
+    assert errors == []
 
 
 def test_chart_data_cannot_close_its_script_element() -> None:

@@ -36,7 +36,11 @@
     return text.length <= shown ? text : text.slice(0, shown - 1).trimEnd() + "…";
   }
 
-  function update(row, decision) {
+  // Decisions that arrived while the table body was being re-read: applied again to
+  // the new body, which the server may have rendered before them.
+  let arrivedDuringFetch = null;
+
+  function update(row, decision, replay) {
     const action = decision.action || "";
     const source = decision.source || "";
     const reason = decision.reason || "";
@@ -59,7 +63,7 @@
       setNumber(row, "interventions", Math.max(count("interventions"), decision.intervention_index));
     }
     if (action === "ROLLBACK") {
-      setNumber(row, "rollbacks", count("rollbacks") + 1);
+      if (!replay) setNumber(row, "rollbacks", count("rollbacks") + 1);
       addFlag(row, "rolled-back", "rolled back",
         "a rollback (the divergence guard's or an operator's) in the current history", "bad");
     }
@@ -79,17 +83,31 @@
   // Re-read the table body (same filters as the page), keeping the chosen order and
   // the runs ticked for comparison.
   async function refetch() {
-    lastRefetch = Date.now();
     refetchTimer = null;
-    const response = await fetch("/fleet/rows" + window.location.search, { headers: { "Accept": "text/html" } });
-    if (!response.ok) { TC.flash("could not refresh the runs: " + response.status + " " + response.statusText); return; }
+    lastRefetch = Date.now();
+    arrivedDuringFetch = new Map();
+    let html;
+    try {
+      const response = await fetch("/fleet/rows" + window.location.search, { headers: { "Accept": "text/html" } });
+      if (!response.ok) throw new Error(response.status + " " + response.statusText);
+      html = await response.text();
+    } catch (error) {
+      arrivedDuringFetch = null;
+      TC.flash("could not refresh the runs: " + error.message);
+      return;
+    } finally {
+      lastRefetch = Date.now();
+    }
+    const arrived = arrivedDuringFetch;
+    arrivedDuringFetch = null;
     const holder = document.createElement("template");
-    holder.innerHTML = "<table>" + (await response.text()) + "</table>";
+    holder.innerHTML = "<table>" + html + "</table>";
     const body = holder.content.querySelector("tbody");
     if (!body) return;
     const ticked = new Set(Array.from(table.querySelectorAll('input[name="run"]:checked')).map((box) => box.value));
     body.querySelectorAll('input[name="run"]').forEach((box) => { box.checked = ticked.has(box.value); });
     table.replaceChild(body, table.tBodies[0]);
+    arrived.forEach((decision, runId) => { const row = rowOf(runId); if (row) update(row, decision, true); });
     const sorted = table.querySelector("thead th[aria-sort] button.sort");
     if (sorted) { sorted.click(); sorted.click(); }  // the same order again: two flips
     const count = document.getElementById("fleet-count");
@@ -104,7 +122,7 @@
   function scheduleRefetch() {
     if (refetchTimer !== null) return;
     const wait = Math.max(0, lastRefetch + REFETCH_MS - Date.now());
-    refetchTimer = setTimeout(() => refetch().catch((error) => TC.flash(String(error))), wait);
+    refetchTimer = setTimeout(refetch, wait);
   }
 
   const pending = new Map();
@@ -113,6 +131,7 @@
   function flush() {
     frame = null;
     pending.forEach((decision, runId) => {
+      if (arrivedDuringFetch) arrivedDuringFetch.set(runId, decision);
       const row = rowOf(runId);
       if (row) update(row, decision);
       else scheduleRefetch();
