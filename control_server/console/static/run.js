@@ -71,6 +71,10 @@
       ", pseudo Dice " + number(data.pseudo_dice[index]) + ", LR " + number(data.lr[index]) + ")";
     parts.push(values);
     hover.append(...parts);
+    // The same epoch's row in the decision table, when it lists it.
+    document.querySelectorAll("#decisions tr.current").forEach((tr) => tr.classList.remove("current"));
+    const tr = document.querySelector('#decisions tr[data-epoch="' + epoch + '"]');
+    if (tr) tr.classList.add("current");
   }
 
   const options = {
