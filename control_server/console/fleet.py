@@ -222,8 +222,8 @@ def fleet_row(run: pb.RunSummary) -> FleetRow:
     decision = run.last_decision
     action = pb.Action.Name(decision.action) if decision.action else ""
     source = pb.Source.Name(decision.source) if decision.source else ""
-    monitored = getattr(run, "monitored", "") or "val_loss"
-    trend = list(getattr(run, "trend", ()))
+    monitored = run.monitored or "val_loss"
+    trend = list(run.trend)
     dice = run.final_metrics.mean_dice if run.final_metrics.HasField("mean_dice") else None
     return FleetRow(
         run_id=run.run_id,

@@ -152,7 +152,7 @@ def chart_data(run: pb.GetRunResponse) -> dict[str, Any]:
     summary = run.run
     return {
         "run_id": summary.run_id,
-        "monitored": getattr(summary, "monitored", "") or "val_loss",
+        "monitored": summary.monitored or "val_loss",
         "epochs": epochs,
         "train_loss": train,
         "val_loss": val,
@@ -388,7 +388,8 @@ async def compare_page(request: web.Request) -> web.StreamResponse:
     shown = named[:MAX_COMPARED]
     runs = list(await asyncio.gather(*(get_run(request, run_id) for run_id in shown)))
     if not metric:
-        monitored = {getattr(run.run, "monitored", "") for run in runs}
+        # The EMA is a smoothing of the raw pseudo Dice, which is what was reported.
+        monitored = {run.run.monitored.removeprefix("ema_") for run in runs}
         metric = next(iter(monitored)) if len(monitored) == 1 else ""
         metric = metric if metric in COMPARE_METRICS else "val_loss"
     groups = _unique(
