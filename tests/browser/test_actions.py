@@ -15,6 +15,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from control_server.auth import Role
+from control_server.console.actions import FormError, parse_lr, parse_weights
 from control_server.tokens import create_token
 from tests.browser.conftest import ConsoleThread, Trainer, screenshot
 from tests.conftest import ServerThread
@@ -116,17 +117,38 @@ def test_an_override_set_in_the_console_steers_the_next_decision_and_names_its_s
     assert decision.source == pb.OVERRIDE
     assert decision.lr == pytest.approx(0.02)
 
+    # Cleared, then the override's LR rolled back at the next report, both confirmed.
+    page.get_by_role("button", name="Clear override…").click()
+    expect(page.locator("#confirm-what")).to_contain_text(
+        f"Clear the active override of run {run.state.run_id}"
+    )
+    page.get_by_role("button", name="Confirm").click()
+    expect(page.locator("#flash")).to_contain_text(f"override of run {run.state.run_id} cleared")
+    page.get_by_role("button", name="Roll back at next report…").click()
+    expect(page.locator("#confirm-what")).to_contain_text(
+        f"Rollback run {run.state.run_id} at its next report"
+    )
+    page.get_by_role("button", name="Confirm").click()
+    expect(page.locator("#flash")).to_contain_text(
+        re.compile(
+            rf"ROLLBACK \d+ set on run {run.state.run_id} by alice "
+            r"\(undoes the intervention of epoch \d+\)"
+        )
+    )
+    rolled_back = setup.trainer.step(run)
+    assert (rolled_back.action, rolled_back.source) == (pb.ROLLBACK, pb.OVERRIDE)
+
     audit = setup.admin.ListAuditEvents(
         pb.ListAuditEventsRequest(action="SetOverride"), metadata=setup.as_("root")
     )
     assert [(e.actor, e.target, e.result) for e in audit.events] == [
         ("alice", run.state.run_id, "OK")
-    ]
+    ] * 2
     page.goto(setup.console.url + "/audit?action=SetOverride")
     rows = page.locator("#audit tbody tr.audit-event")
-    expect(rows).to_have_count(1)
-    expect(rows.first.locator(".actor")).to_have_text("alice")
-    expect(rows.first.locator(".target")).to_have_text(run.state.run_id)
+    expect(rows).to_have_count(2)
+    expect(rows.locator(".actor")).to_have_text(["alice", "alice"])
+    expect(rows.locator(".target")).to_have_text([run.state.run_id] * 2)
 
 
 def test_an_operator_sees_no_admin_actions_and_the_server_refuses_them_anyway(
@@ -175,10 +197,13 @@ def test_an_operator_sees_no_admin_actions_and_the_server_refuses_them_anyway(
     assert active_after.version == active_before.version != stored.version
 
 
-def test_an_admin_activates_a_version_after_confirming_it(setup: Setup, page: Page) -> None:
+def test_an_admin_activates_pins_and_unpins_a_version_after_confirming_each(
+    setup: Setup, page: Page
+) -> None:
     stored = setup.admin.PutPolicy(
         pb.PutPolicyRequest(yaml=EAGER_YAML), metadata=setup.as_("root")
     ).policy
+    default = setup.admin.GetPolicy(pb.GetPolicyRequest(), metadata=setup.as_("root"))
     sign_in(page, setup.console, setup.tokens["root"], "root", "/policies")
     row = page.locator(f'#policies tr[data-version="{stored.version}"]')
     row.get_by_role("button", name=f"Activate {stored.version}").click()
@@ -195,6 +220,29 @@ def test_an_admin_activates_a_version_after_confirming_it(setup: Setup, page: Pa
         setup.admin.GetPolicy(pb.GetPolicyRequest(), metadata=setup.as_("root")).version
         == stored.version
     )
+
+    # The default, pinned to one dataset's runs and unpinned again.
+    pin = page.locator("#pin-form")
+    pin.get_by_label("Version").select_option(default.version)
+    pin.get_by_label("Dataset").fill("Liver")
+    pin.get_by_role("button", name="Pin…").click()
+    expect(page.locator("#confirm-what")).to_contain_text(
+        f"Pin policy version {default.version} to runs with dataset=Liver"
+    )
+    page.get_by_role("button", name="Confirm").click()
+    expect(page.locator("#flash")).to_contain_text(
+        f"policy {default.version} (default) pinned to dataset=Liver"
+    )
+    expect(page.locator("#pins li")).to_have_text(
+        [re.compile(f"dataset=Liver → {default.version}")]
+    )
+    page.get_by_role("button", name="Unpin dataset=Liver").click()
+    expect(page.locator("#confirm-what")).to_contain_text(
+        "Remove the pin on runs with dataset=Liver"
+    )
+    page.get_by_role("button", name="Confirm").click()
+    expect(page.locator("#flash")).to_contain_text("pin on dataset=Liver removed")
+    expect(page.locator("#pins li")).to_have_text([re.compile("No pins")])
 
 
 def test_an_admin_starts_an_experiment_sees_its_report_and_promotes_an_arm(
@@ -247,3 +295,18 @@ def test_an_admin_starts_an_experiment_sees_its_report_and_promotes_an_arm(
         setup.admin.GetPolicy(pb.GetPolicyRequest(), metadata=setup.as_("root")).version
         == stored.version
     )
+
+
+def test_loss_weights_and_lr_as_typed_become_the_request_or_a_message_naming_the_field() -> None:
+    assert parse_weights("dice=0.6, focal=0.4") == {"dice": 0.6, "focal": 0.4}
+    assert parse_weights(" dice = 0.5 focal=0.5 ") == {"dice": 0.5, "focal": 0.5}
+    assert parse_weights("") == {}
+    assert parse_lr("") is None and parse_lr("2e-2") == 0.02
+    with pytest.raises(FormError, match=r"name=value pairs .* but got 'dice'"):
+        parse_weights("dice")
+    with pytest.raises(FormError, match="weight of focal must be a number, but got 'x'"):
+        parse_weights("dice=1 focal=x")
+    with pytest.raises(FormError, match="LR must be a positive number, but got '-1'"):
+        parse_lr("-1")
+    with pytest.raises(FormError, match=r"LR must be a number such as 0\.02, but got 'fast'"):
+        parse_lr("fast")
