@@ -163,6 +163,8 @@ def test_an_operator_sees_no_admin_actions_and_the_server_refuses_them_anyway(
     expect(page.locator(f'#policies tr[data-version="{stored.version}"]')).to_be_visible()
     expect(page.get_by_role("button", name=re.compile("Activate"))).to_have_count(0)
     expect(page.locator("#pin-form")).to_have_count(0)
+    page.goto(setup.console.url + "/experiments")
+    expect(page.locator("#start-experiment")).to_have_count(0)
 
     # Posted anyway, with the session's own CSRF token, as a crafted form would.
     page.evaluate(
@@ -243,6 +245,13 @@ def test_an_admin_activates_pins_and_unpins_a_version_after_confirming_each(
     page.get_by_role("button", name="Confirm").click()
     expect(page.locator("#flash")).to_contain_text("pin on dataset=Liver removed")
     expect(page.locator("#pins li")).to_have_text([re.compile("No pins")])
+
+    # A new version typed in is stored (not activated) and shown.
+    page.get_by_label("Policy YAML").fill("name: typed\nplateau:\n  cooldown: 4\n")
+    page.get_by_role("button", name="Store version").click()
+    expect(page.locator("#flash")).to_contain_text("(typed) stored; not active until activated")
+    expect(page.locator("#policy-yaml")).to_contain_text("cooldown: 4")
+    expect(page.locator("#policy-state")).to_contain_text("Stored, not in use")
 
 
 def test_an_admin_starts_an_experiment_sees_its_report_and_promotes_an_arm(

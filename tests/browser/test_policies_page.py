@@ -29,6 +29,8 @@ def test_versions_their_yaml_a_diff_and_a_replay_that_differs(
     page: Page,
 ) -> None:
     trainer = make_trainer(server)
+    impatient = trainer.admin.PutPolicy(pb.PutPolicyRequest(yaml=IMPATIENT_YAML)).policy
+    trainer.admin.SetShadowPolicy(pb.SetShadowPolicyRequest(version=impatient.version))
     for fold in range(2):
         run = SimulatedRun(
             f"heart-fold{fold}",
@@ -39,7 +41,6 @@ def test_versions_their_yaml_a_diff_and_a_replay_that_differs(
         trainer.start(run)
         trainer.train(run)
     default = trainer.admin.GetPolicy(pb.GetPolicyRequest())
-    impatient = trainer.admin.PutPolicy(pb.PutPolicyRequest(yaml=IMPATIENT_YAML)).policy
     console = make_console(server)
 
     page.goto(console.url + "/policies")
@@ -55,6 +56,9 @@ def test_versions_their_yaml_a_diff_and_a_replay_that_differs(
     expect(page.locator("#policy-yaml")).to_contain_text("patience: 1")
     expect(page.locator("#policy-yaml")).to_contain_text("name: impatient")
     expect(page.locator("#steers-count")).to_contain_text("0 runs")
+    # As the shadow it was evaluated on every report of both runs (25 epochs each).
+    expect(page.locator("#shadow-summary")).to_contain_text("on 50 reports")
+    expect(page.locator("#shadow-transitions")).to_contain_text("NONE → INTERVENE")
 
     page.goto(f"{console.url}/policies/{default.version}")
     expect(page.locator("#policy-yaml")).to_contain_text("patience: 3")
