@@ -65,3 +65,14 @@ def test_filtering_by_actor_narrows_the_audit_to_that_persons_calls(
     page.get_by_label("Action").fill("PutPolicy")
     page.get_by_role("button", name="Filter").click()
     expect(page.locator("#audit tbody")).to_contain_text("No events match")
+
+    # A time after every event leaves none; a time that is not one is named as typed.
+    page.get_by_label("Action").fill("")
+    page.get_by_label("Since (UTC)").fill("2999-01-01T00:00")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("#audit tbody")).to_contain_text("No events match")
+    page.get_by_label("Since (UTC)").fill("yesterday")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.get_by_role("alert").filter(has_text="since")).to_contain_text(
+        "since must be a time such as 2026-12-06T01:00 (UTC), but got 'yesterday'."
+    )
