@@ -304,6 +304,33 @@ def test_an_admin_starts_an_experiment_sees_its_report_and_promotes_an_arm(
         setup.admin.GetPolicy(pb.GetPolicyRequest(), metadata=setup.as_("root")).version
         == stored.version
     )
+    expect(page.get_by_role("button", name=re.compile("Promote"))).to_have_count(0)
+
+    # Another one, ended without promoting anything.
+    setup.admin.StartExperiment(
+        pb.StartExperimentRequest(
+            name="second-look",
+            selector=pb.RunSelector(dataset="Kidney"),
+            arms=[
+                pb.ExperimentArm(name="observe", observe_only=True, share=1),
+                pb.ExperimentArm(name="eager", policy_version=stored.version, share=1),
+            ],
+        ),
+        metadata=setup.as_("root"),
+    )
+    page.goto(setup.console.url + "/experiments")
+    expect(page.locator('#experiments tr[data-experiment="eager-vs-observe"]')).to_contain_text(
+        "ended"
+    )
+    page.get_by_role("link", name="second-look").click()
+    page.get_by_label("Reason").fill("enough")
+    page.get_by_role("button", name="End experiment…").click()
+    expect(page.locator("#confirm-what")).to_contain_text(
+        "End experiment second-look without promoting any arm"
+    )
+    page.get_by_role("button", name="Confirm").click()
+    expect(page.locator("#flash")).to_contain_text("experiment second-look ended by root")
+    expect(page.locator("#experiment-status")).to_contain_text("ended")
 
 
 def test_loss_weights_and_lr_as_typed_become_the_request_or_a_message_naming_the_field() -> None:
