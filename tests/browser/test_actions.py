@@ -112,6 +112,7 @@ def test_an_override_set_in_the_console_steers_the_next_decision_and_names_its_s
     expect(page.locator("#flash")).to_contain_text(
         re.compile(rf"override \d+ set on run {run.state.run_id} by alice")
     )
+    expect(page.locator("#override-in-force")).to_be_visible()
 
     decision = setup.trainer.step(run)
     assert decision.source == pb.OVERRIDE
@@ -124,6 +125,7 @@ def test_an_override_set_in_the_console_steers_the_next_decision_and_names_its_s
     )
     page.get_by_role("button", name="Confirm").click()
     expect(page.locator("#flash")).to_contain_text(f"override of run {run.state.run_id} cleared")
+    expect(page.locator("#override-in-force")).to_have_count(0)
     page.get_by_role("button", name="Roll back at next report…").click()
     expect(page.locator("#confirm-what")).to_contain_text(
         f"Rollback run {run.state.run_id} at its next report"
