@@ -17,6 +17,8 @@ from typing import Any
 
 from control_server.domain import (
     Action,
+    AuditEvent,
+    AuditFilter,
     Decision,
     DecisionFilter,
     FailedPrecondition,
@@ -37,10 +39,12 @@ from control_server.domain import (
     ShadowSummary,
 )
 from control_server.effects import EffectsService, EffectSummary
+from control_server.fleet import FleetView
 from control_server.policy.document import PolicyDoc, parse_policy_source
 from control_server.report_epoch import PolicyCache, utc_now
 from control_server.runs import RunLifecycle
 from control_server.store import Store
+from control_server.what_if import WhatIf, replay_candidate
 from trainer_client.vocabulary import LossWeightError, check_loss_weights
 
 logger = logging.getLogger(__name__)
@@ -145,6 +149,7 @@ class AdminService:
         self._clock = clock
         self._policies = PolicyCache(store)
         self.effects = EffectsService(store, self._policies.get)
+        self.fleet = FleetView(store, self._policies.get)
         #: Whose view of a run's status (STALE) the run reads take.
         self.runs = runs if runs is not None else RunLifecycle(store, clock)
 
@@ -339,9 +344,11 @@ class AdminService:
         finished and cuts to the limit after)."""
         status = run_filter.status
         if status is None or status.finished:
-            return self.runs.with_status(self.store.list_runs(run_filter))
-        unfinished = self.runs.with_status(self.store.list_runs(replace(run_filter, limit=0)))
-        return [r for r in unfinished if r.status is status][: run_filter.limit]
+            runs = self.runs.with_status(self.store.list_runs(run_filter))
+        else:
+            unfinished = self.runs.with_status(self.store.list_runs(replace(run_filter, limit=0)))
+            runs = [r for r in unfinished if r.status is status][: run_filter.limit]
+        return self.fleet.enrich(runs, run_filter.trend_points)
 
     def get_run(
         self, run_id: str, from_epoch: int = 0, page_size: int = 0, effect_horizon: int = 0
@@ -381,6 +388,33 @@ class AdminService:
 
     def list_decisions(self, decision_filter: DecisionFilter) -> list[Decision]:
         return self.store.list_decisions(decision_filter)
+
+    def list_audit_events(self, audit_filter: AuditFilter) -> list[AuditEvent]:
+        return self.store.list_admin_events(audit_filter)
+
+    def replay_policy(
+        self, version: str, document: str, selector: RunSelector, limit: int, max_differences: int
+    ) -> WhatIf:
+        """What a candidate would have decided on the `limit` most recently active runs
+        the selector matches, listing at most `max_differences` differences. The
+        candidate is the stored `version`, or else `document` (YAML or JSON text),
+        validated as PutPolicy does and not stored."""
+        if version:
+            if self.store.get_policy(version) is None:
+                raise NotFound(f"policy version {version!r} is not stored")
+            candidate = self._policies.get(version)
+        elif document.strip():
+            candidate = parse_policy_source(document)
+        else:
+            raise InvalidArgument("candidate", "set either version (stored) or yaml (a document)")
+        run_filter = RunFilter(
+            dataset=selector.dataset,
+            configuration=selector.configuration,
+            fold=selector.fold,
+            limit=limit,
+        )
+        run_ids = [r.run_id for r in self.store.list_runs(run_filter)]
+        return replay_candidate(self.store, candidate, run_ids, max_differences)
 
     def effect_summary(
         self, selector: RunSelector, policy_version: str, horizon: int, experiment: str = ""

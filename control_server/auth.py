@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from control_server.identity import ACTOR
+from control_server.identity import ACTOR, ROLE
 from control_server.interceptors import Stream, Unary, wrap_handler
 from trainer_client.api import control_pb2 as pb
 
@@ -75,6 +75,9 @@ _OPERATOR_RPCS: dict[str, tuple[str, ...]] = {
         "GetExperiment",
         "ListExperiments",
         "GetExperimentReport",
+        "ReplayPolicy",
+        "WhoAmI",
+        "ListAuditEvents",
     )
 }
 _ADMIN_RPCS: dict[str, tuple[str, ...]] = {
@@ -136,8 +139,11 @@ def _terminator(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(reject)
 
 
-def _with_actor(handler: grpc.RpcMethodHandler, actor: str) -> grpc.RpcMethodHandler:
-    """`handler`, with ACTOR set to `actor` in the task that runs its behavior.
+def _with_actor(
+    handler: grpc.RpcMethodHandler, actor: str, role: Role | None = None
+) -> grpc.RpcMethodHandler:
+    """`handler`, with ACTOR set to `actor` (and ROLE to `role`, when given) in the task
+    that runs its behavior.
 
     Not reset afterwards: each RPC runs in its own task, whose context ends with
     it, and interceptors outside this one (audit) read it once the call returns.
@@ -149,6 +155,8 @@ def _with_actor(handler: grpc.RpcMethodHandler, actor: str) -> grpc.RpcMethodHan
     def unary(behavior: Unary) -> Unary:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             ACTOR.set(actor)
+            if role is not None:
+                ROLE.set(role.value)
             return await behavior(request, context)
 
         return run
@@ -156,6 +164,8 @@ def _with_actor(handler: grpc.RpcMethodHandler, actor: str) -> grpc.RpcMethodHan
     def stream(behavior: Stream) -> Stream:
         async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             ACTOR.set(actor)
+            if role is not None:
+                ROLE.set(role.value)
             async for response in behavior(request, context):
                 yield response
 
@@ -238,4 +248,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             return _with_actor(self._denied.get(method, self._denied_other), entry.name)
         handler = await continuation(details)
-        return None if handler is None else _with_actor(handler, entry.name)
+        return None if handler is None else _with_actor(handler, entry.name, entry.role)

@@ -15,6 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from control_server.domain import (
     Action,
     Assignment,
+    AuditEvent,
+    AuditFilter,
     Decision,
     DecisionFilter,
     Effect,
@@ -36,12 +38,15 @@ from control_server.domain import (
     RunSummary,
     ShadowSummary,
     Source,
+    Verdict,
     frozen_map,
 )
 from control_server.effects import EffectGroup, EffectSummary, check_horizon
 from control_server.experiment_stats import Comparison, Distribution
 from control_server.experiments import ArmReport, ExperimentReport
+from control_server.fleet import check_trend_points
 from control_server.policy.document import integer_fields
+from control_server.what_if import WhatIf, check_replay_limits
 from trainer_client.api import control_pb2 as pb
 from trainer_client.vocabulary import LABEL_KEYS, LossWeightError, check_loss_weights
 
@@ -51,6 +56,8 @@ MAX_ID_LENGTH = 256
 MAX_REASON_LENGTH = 1024
 MAX_LIST_LIMIT = 1000
 MAX_DECISIONS_LIMIT = 10_000
+DEFAULT_AUDIT_LIMIT = 200
+MAX_AUDIT_LIMIT = 5000
 #: GetRun's epochs per page: the default, and the most a page may hold (with a shadow
 #: decision per epoch a page of the most stays far below gRPC's 4 MB message limit).
 DEFAULT_RUN_PAGE = 1000
@@ -208,6 +215,10 @@ def run_summary_to_proto(run: RunSummary) -> pb.RunSummary:
         error=run.error,
         experiment=run.experiment,
         arm=run.arm,
+        flags=[pb.RunFlag.Value(f.value) for f in run.flags],
+        monitored=run.monitored,
+        monitored_mode=run.monitored_mode,
+        trend=run.trend,
     )
     if run.last_decision is not None:
         msg.last_decision.CopyFrom(decision_to_proto(run.last_decision))
@@ -352,6 +363,8 @@ def run_filter_from_proto(msg: pb.ListRunsRequest) -> RunFilter:
         status=_status(msg.status),
         experiment=_check_text(msg.experiment, "experiment"),
         arm=_check_text(msg.arm, "arm"),
+        # Read by name: the generated ListRunsRequest may predate the field.
+        trend_points=check_trend_points(int(getattr(msg, "trend_points", 0))),
     )
 
 
@@ -522,6 +535,30 @@ def decision_filter_from_proto(msg: pb.ListDecisionsRequest) -> DecisionFilter:
     )
 
 
+def audit_filter_from_proto(msg: pb.ListAuditEventsRequest) -> AuditFilter:
+    return AuditFilter(
+        actor=_check_text(msg.actor, "actor"),
+        action=_check_text(msg.action, "action"),
+        target=_check_text(msg.target, "target"),
+        since=_datetime(msg.since) if msg.HasField("since") else None,
+        until=_datetime(msg.until) if msg.HasField("until") else None,
+        limit=_limit(msg.limit, "limit", DEFAULT_AUDIT_LIMIT, MAX_AUDIT_LIMIT),
+    )
+
+
+def audit_event_to_proto(event: AuditEvent) -> pb.AuditEvent:
+    details = Struct()
+    details.update(dict(event.details))
+    return pb.AuditEvent(
+        at=_timestamp(event.at),
+        actor=event.actor,
+        action=event.action,
+        target=event.target,
+        details=details,
+        result=event.result,
+    )
+
+
 def watch_filter_from_proto(msg: pb.WatchDecisionsRequest) -> DecisionFilter:
     return DecisionFilter(
         run_id=_check_text(msg.run_id, "run_id"),
@@ -624,6 +661,60 @@ def _plain(value: Value) -> Any:
     if kind in ("number_value", "string_value", "bool_value"):
         return getattr(value, kind)
     return None
+
+
+def replay_request_from_proto(
+    msg: pb.ReplayPolicyRequest,
+) -> tuple[str, str, RunSelector, int, int]:
+    """(stored version, document text, selector, runs, differences listed): one of the
+    first two is set."""
+    which = msg.WhichOneof("candidate")
+    if which == "version":
+        version, document = _check_text(msg.version, "version", required=True), ""
+    elif which == "yaml":
+        version, document = "", msg.yaml
+    else:
+        raise InvalidArgument("candidate", "set either version (stored) or yaml (a document)")
+    limit, max_differences = check_replay_limits(msg.limit, msg.max_differences)
+    return version, document, selector_from_proto(msg.selector), limit, max_differences
+
+
+def verdict_to_proto(verdict: Verdict, run_id: str, epoch: int, version: str) -> pb.Decision:
+    """What a policy would decide, as a Decision without id or time."""
+    msg = pb.Decision(
+        run_id=run_id,
+        epoch=epoch,
+        action=_ACTIONS[verdict.action],
+        loss_weights=dict(verdict.loss_weights),
+        intervention_index=verdict.intervention_index,
+        source=_SOURCES[verdict.source],
+        reason=verdict.reason,
+        policy_version=version,
+    )
+    if verdict.lr is not None:
+        msg.lr = verdict.lr
+    return msg
+
+
+def what_if_to_proto(what_if: WhatIf) -> pb.ReplayPolicyResponse:
+    return pb.ReplayPolicyResponse(
+        version=what_if.version,
+        name=what_if.name,
+        runs=what_if.runs,
+        decisions=what_if.decisions,
+        differing=what_if.differing,
+        runs_differing=what_if.runs_differing,
+        by_transition=dict(what_if.by_transition),
+        differences=[
+            pb.ReplayDifference(
+                run_id=d.run_id,
+                epoch=d.epoch,
+                recorded=decision_to_proto(d.recorded),
+                candidate=verdict_to_proto(d.recomputed, d.run_id, d.epoch, what_if.version),
+            )
+            for d in what_if.differences
+        ],
+    )
 
 
 def policy_to_proto(view: PolicyView) -> pb.Policy:

@@ -29,6 +29,8 @@ __all__ = [
     "LOSS_COMPONENTS",
     "Action",
     "Assignment",
+    "AuditEvent",
+    "AuditFilter",
     "Decision",
     "DecisionFilter",
     "DecisionPage",
@@ -53,6 +55,7 @@ __all__ = [
     "RunDetail",
     "RunEpoch",
     "RunFilter",
+    "RunFlag",
     "RunLabels",
     "RunSelector",
     "RunStatus",
@@ -99,6 +102,16 @@ class RunStatus(enum.Enum):
     @property
     def finished(self) -> bool:
         return self in (RunStatus.COMPLETED, RunStatus.STOPPED, RunStatus.FAILED)
+
+
+class RunFlag(enum.StrEnum):
+    """Why a run needs a look (ListRuns), in the order the API lists them."""
+
+    ROLLED_BACK = "FLAG_ROLLED_BACK"
+    NON_FINITE = "FLAG_NON_FINITE"
+    BUDGET_SPENT = "FLAG_BUDGET_SPENT"
+    STALE = "FLAG_STALE"
+    OVERRIDE = "FLAG_OVERRIDE"
 
 
 def remember(memo: dict[K, V], key: K, value: V, limit: int) -> None:
@@ -390,6 +403,13 @@ class RunSummary:
     #: The experiment and arm the run was assigned to ("": none).
     experiment: str = ""
     arm: str = ""
+    #: Why the run needs a look, in RunFlag order (ListRuns fills them in).
+    flags: tuple[RunFlag, ...] = ()
+    #: The plateau.monitor and mode of the policy of the last decision ("": none).
+    monitored: str = ""
+    monitored_mode: str = ""
+    #: That value over the current history, raw and thinned (empty unless asked).
+    trend: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -405,6 +425,8 @@ class RunFilter:
     #: Runs assigned to this experiment (and this arm of it, when set too).
     experiment: str = ""
     arm: str = ""
+    #: Fill each run's trend with at most this many points (0: no trend).
+    trend_points: int = 0
 
 
 @dataclass(frozen=True)
@@ -469,6 +491,33 @@ class DecisionFilter:
     since: datetime | None = None
     until: datetime | None = None
     limit: int = 1000
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Filters of ListAuditEvents; empty strings match everything (exact matches).
+
+    `since` is inclusive, `until` exclusive; at most `limit` events, newest first.
+    """
+
+    actor: str = ""
+    action: str = ""
+    target: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 200
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One recorded admin event: who did what to what, when, and how it ended."""
+
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: Mapping[str, Any]
+    result: str
 
 
 @dataclass(frozen=True)

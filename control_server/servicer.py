@@ -22,7 +22,7 @@ from control_server.admin import AdminService
 from control_server.decider import Decider
 from control_server.domain import DomainError, InvalidArgument, ResourceExhausted
 from control_server.experiments import ExperimentService
-from control_server.identity import current_actor
+from control_server.identity import current_actor, current_role
 from control_server.redact import client_details, redact
 from control_server.report_epoch import utc_now
 from control_server.runs import RunLifecycle
@@ -252,6 +252,22 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
         finally:
             watch.close()
 
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAuditEventsResponse:
+        def call() -> pb.ListAuditEventsResponse:
+            found = self._service.list_audit_events(convert.audit_filter_from_proto(request))
+            return pb.ListAuditEventsResponse(
+                events=[convert.audit_event_to_proto(e) for e in found]
+            )
+
+        return await _handle("ListAuditEvents", context, call)
+
+    async def WhoAmI(
+        self, request: pb.WhoAmIRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Caller:
+        return pb.Caller(name=current_actor(), role=current_role())
+
     # --- overrides --------------------------------------------------------------------
 
     async def SetOverride(
@@ -358,6 +374,16 @@ class ControlAdminServicer(pb_grpc.ControlAdminServicer):  # type: ignore[misc]
             return convert.shadow_summary_to_proto(summary)
 
         return await _handle("GetShadowSummary", context, call)
+
+    async def ReplayPolicy(
+        self, request: pb.ReplayPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReplayPolicyResponse:
+        def call() -> pb.ReplayPolicyResponse:
+            version, document, selector, limit, most = convert.replay_request_from_proto(request)
+            what_if = self._service.replay_policy(version, document, selector, limit, most)
+            return convert.what_if_to_proto(what_if)
+
+        return await _handle("ReplayPolicy", context, call)
 
     async def GetEffectSummary(
         self, request: pb.GetEffectSummaryRequest, context: grpc.aio.ServicerContext

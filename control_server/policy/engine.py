@@ -29,6 +29,10 @@ from control_server.policy.scaling import plan_lr
 from control_server.policy.state import INITIAL_STATE, InterventionMark, PolicyState
 from control_server.policy.weights import plan_weights
 
+#: How the reason of a plateau after the budget was spent says so (ListRuns flags a
+#: run on it): "Plateau: ..., but the budget of 3 interventions is spent; ...".
+BUDGET_SPENT = "the budget of {budget} interventions is spent"
+
 
 def step(
     doc: PolicyDoc,
@@ -94,10 +98,10 @@ def step(
         # nothing changed, so no cooldown.
         after = plateau.reset(cfg, obs.state, cooldown=False)
         if doc.interventions.stop_when_exhausted:
-            text = f"{detected}, and the budget of {budget} interventions is spent; stopping."
+            text = f"{detected}, and {BUDGET_SPENT.format(budget=budget)}; stopping."
             return Verdict(Action.STOP, Source.POLICY, text), after
         text = (
-            f"{detected}, but the budget of {budget} interventions is spent; "
+            f"{detected}, but {BUDGET_SPENT.format(budget=budget)}; "
             "no more automatic interventions."
             if budget
             else f"{detected}; policy {doc.name} never intervenes "

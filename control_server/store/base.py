@@ -19,6 +19,8 @@ from typing import Any
 from control_server.chain import ChainedEpoch, RegistryEntry
 from control_server.domain import (
     Assignment,
+    AuditEvent,
+    AuditFilter,
     Decision,
     DecisionFilter,
     DecisionPage,
@@ -315,6 +317,24 @@ class Store(ABC):
     def run_ids(self) -> list[str]:
         """Every run id, for replay."""
 
+    # --- the fleet at a glance (ListRuns' flags and trends: one query each) -----------
+
+    @abstractmethod
+    def runs_with_nonfinite_losses(self, run_ids: Sequence[str]) -> set[str]:
+        """Those of `run_ids` with a report in their current history whose train or val
+        loss is NaN or infinite."""
+
+    @abstractmethod
+    def runs_with_decision_reason(self, run_ids: Sequence[str], like: str) -> set[str]:
+        """Those of `run_ids` with a decision of the policy (source POLICY) in their
+        current history whose reason matches the SQL LIKE pattern `like`."""
+
+    @abstractmethod
+    def report_series(self, run_ids: Sequence[str], per_run: int) -> dict[str, list[Report]]:
+        """Each run's reports of its current history in epoch order, evenly thinned to at
+        most `per_run` of them, its newest always kept (<= 0: all); runs without any
+        are left out."""
+
     # --- experiments --------------------------------------------------------------------
 
     @abstractmethod
@@ -362,6 +382,11 @@ class Store(ABC):
     @abstractmethod
     def admin_events(self) -> list[dict[str, Any]]:
         """All admin events, oldest first (keys: actor, action, target, details, result, at)."""
+
+    @abstractmethod
+    def list_admin_events(self, audit_filter: AuditFilter) -> list[AuditEvent]:
+        """The admin events the filter matches, newest first (recorded order), at most
+        its limit (<= 0: all)."""
 
     @abstractmethod
     def delete_admin_events(self, before: datetime, limit: int) -> int:

@@ -175,6 +175,8 @@ class PostgresStore(SqlStore[_Session]):
     seq = "seq"
     no_limit = None
     distinct = "IS DISTINCT FROM"
+    # PostgreSQL's NaN equals NaN.
+    nonfinite = "({0} IN ('NaN', 'Infinity', '-Infinity'))"
     schema_version_table = (
         "CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, "
         "name text NOT NULL, applied_at timestamptz NOT NULL)"

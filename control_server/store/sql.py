@@ -24,6 +24,8 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from control_server.chain import ChainedEpoch, RegistryEntry, register
 from control_server.domain import (
     Assignment,
+    AuditEvent,
+    AuditFilter,
     Decision,
     DecisionFilter,
     Experiment,
@@ -41,6 +43,7 @@ from control_server.domain import (
     RunStatus,
     RunSummary,
     ShadowSummary,
+    Source,
 )
 from control_server.store.base import Store
 from control_server.store.rows import (
@@ -156,6 +159,8 @@ class SqlStore(Store, Generic[S]):
     distinct: ClassVar[str]
     #: CREATE TABLE IF NOT EXISTS schema_version (the migration runner's own table).
     schema_version_table: ClassVar[str]
+    #: A condition true when the float column `{0}` holds NaN or an infinity.
+    nonfinite: ClassVar[str]
 
     # --- the dialect's ways into its database -------------------------------------------
 
@@ -687,6 +692,61 @@ class SqlStore(Store, Generic[S]):
             rows = s.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall()
         return [str(row[0]) for row in rows]
 
+    # --- the fleet at a glance ------------------------------------------------------------
+
+    def runs_with_nonfinite_losses(self, run_ids: Sequence[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        marks = ", ".join("?" * len(run_ids))
+        bad = " OR ".join(self.nonfinite.format(c) for c in ("train_loss", "val_loss"))
+        with self._reading() as s:
+            rows = s.execute(
+                f"SELECT DISTINCT run_id FROM reports WHERE run_id IN ({marks}) AND ({bad})",
+                tuple(run_ids),
+            ).fetchall()
+        return {str(row[0]) for row in rows}
+
+    def runs_with_decision_reason(self, run_ids: Sequence[str], like: str) -> set[str]:
+        if not run_ids:
+            return set()
+        marks = ", ".join("?" * len(run_ids))
+        with self._reading() as s:
+            rows = s.execute(
+                f"SELECT DISTINCT run_id FROM decisions WHERE run_id IN ({marks}) "
+                "AND source = ? AND reason LIKE ?",
+                (*run_ids, Source.POLICY.value, like),
+            ).fetchall()
+        return {str(row[0]) for row in rows}
+
+    def report_series(self, run_ids: Sequence[str], per_run: int) -> dict[str, list[Report]]:
+        series: dict[str, list[Report]] = {}
+        if not run_ids:
+            return series
+        marks = ", ".join("?" * len(run_ids))
+        # Of a run's `total` rows, row n (from 1) is kept when (n - 1) * steps / (total - 1)
+        # (integer division) steps up at it: steps + 1 rows spread evenly, the oldest
+        # and the newest among them (one row asked for: the newest alone).
+        keep = per_run if per_run > 0 else _NO_EPOCH_BOUND
+        steps = keep - 1
+        with self._reading() as s:
+            # Numbered on the key alone, in one window (one pass in the primary key's
+            # order), then joined back for the rows kept: the window carries no reports.
+            rows = s.execute(
+                f"SELECT {qualified('p', REPORT)} FROM (SELECT run_id, epoch, row_number() "
+                "OVER w AS n, count(*) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND "
+                f"UNBOUNDED FOLLOWING) AS total FROM reports WHERE run_id IN ({marks}) "
+                "WINDOW w AS (PARTITION BY run_id ORDER BY epoch)) AS t "
+                "JOIN reports AS p ON p.run_id = t.run_id AND p.epoch = t.epoch "
+                "WHERE total <= ? OR n = total OR (? > 0 AND (n = 1 OR "
+                "((n - 1) * ?) / nullif(total - 1, 0) > ((n - 2) * ?) / nullif(total - 1, 0))) "
+                "ORDER BY p.run_id, p.epoch",
+                (*run_ids, keep, steps, steps, steps),
+            ).fetchall()
+        for row in rows:
+            report = self.codec.report_from(row)
+            series.setdefault(report.run_id, []).append(report)
+        return series
+
     # --- experiments --------------------------------------------------------------------
 
     _SELECT_EXPERIMENTS = (
@@ -839,6 +899,32 @@ class SqlStore(Store, Generic[S]):
                 "details": json.loads(details),
                 "result": result,
             }
+            for at, actor, action, target, details, result in rows
+        ]
+
+    def list_admin_events(self, audit_filter: AuditFilter) -> list[AuditEvent]:
+        f, time = audit_filter, self.codec.time
+        where: list[str] = []
+        params: list[Any] = []
+        for condition, value in (
+            ("actor = ?", f.actor or None),
+            ("action = ?", f.action or None),
+            ("target = ?", f.target or None),
+            ("at >= ?", time(f.since) if f.since is not None else None),
+            ("at < ?", time(f.until) if f.until is not None else None),
+        ):
+            if value is not None:
+                where.append(condition)
+                params.append(value)
+        sql = "SELECT at, actor, action, target, details, result FROM admin_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        # The id is the recorded order, and its index serves the newest first.
+        sql += " ORDER BY id DESC LIMIT ?"
+        with self._reading() as s:
+            rows = s.execute(sql, (*params, f.limit if f.limit > 0 else self.no_limit)).fetchall()
+        return [
+            AuditEvent(self.codec.dt(at), actor, action, target, json.loads(details), result)
             for at, actor, action, target, details, result in rows
         ]
 

@@ -138,6 +138,8 @@ class SqliteStore(SqlStore[sqlite3.Connection]):
     seq = "rowid"
     no_limit = -1
     distinct = "IS NOT"
+    # A NaN is kept as the text 'NaN' (see _real); 9e999 reads as an infinity.
+    nonfinite = "(typeof({0}) = 'text' OR {0} IN (9e999, -9e999))"
     schema_version_table = (
         "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
         "name TEXT NOT NULL, applied_at TEXT NOT NULL)"

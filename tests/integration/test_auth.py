@@ -52,6 +52,9 @@ OPERATOR_RPCS = {
         "GetExperiment",
         "ListExperiments",
         "GetExperimentReport",
+        "ReplayPolicy",
+        "WhoAmI",
+        "ListAuditEvents",
     )
 }
 ADMIN_RPCS = OPERATOR_RPCS | {
