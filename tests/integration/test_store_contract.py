@@ -20,6 +20,7 @@ import pytest
 
 from control_server.domain import (
     Action,
+    AuditFilter,
     Decision,
     DecisionFilter,
     DecisionRecord,
@@ -414,6 +415,92 @@ def test_admin_events_are_appended_in_order(store: Store) -> None:
     ]
     assert before - timedelta(seconds=1) <= events[0]["at"] <= events[1]["at"]
     assert events[0]["at"].tzinfo is not None
+
+
+def test_admin_events_are_listed_newest_first_filtered_and_limited(store: Store) -> None:
+    store.record_admin_event("alice", "SetOverride", "run-a", {"lr": 0.01}, "OK")
+    store.record_admin_event("bob", "SetOverride", "run-b", {}, "OK")
+    middle = datetime.now(UTC)
+    store.record_admin_event("alice", "ClearOverride", "run-a", {}, "NOT_FOUND")
+
+    def listed(**fields: Any) -> list[tuple[str, str, str]]:
+        events = store.list_admin_events(AuditFilter(**fields))
+        return [(e.actor, e.action, e.target) for e in events]
+
+    assert listed() == [
+        ("alice", "ClearOverride", "run-a"),
+        ("bob", "SetOverride", "run-b"),
+        ("alice", "SetOverride", "run-a"),
+    ]
+    assert listed(actor="alice", action="SetOverride") == [("alice", "SetOverride", "run-a")]
+    assert listed(target="run-b") == [("bob", "SetOverride", "run-b")]
+    assert listed(action="Set") == []  # exact matches only
+    assert listed(since=middle) == [("alice", "ClearOverride", "run-a")]
+    assert [t for _, _, t in listed(until=middle)] == ["run-b", "run-a"]
+    assert len(listed(limit=2)) == 2 and len(listed(limit=0)) == 3
+    [oldest] = store.list_admin_events(AuditFilter(target="run-a", action="SetOverride"))
+    assert (oldest.details, oldest.result) == ({"lr": 0.01}, "OK")
+    assert oldest.at.tzinfo is not None
+
+
+# --- the fleet at a glance ----------------------------------------------------------------
+
+
+def test_runs_with_nonfinite_losses_are_found_in_their_reports(store: Store) -> None:
+    losses = {
+        "run-fine": (0.5, None),
+        "run-nan": (math.nan, 0.6),
+        "run-inf": (0.5, math.inf),
+        "run-neg": (0.5, -math.inf),
+        "run-nan-val": (0.5, math.nan),
+    }
+    store.record_decisions(
+        [
+            make_record(run_id, 0, report=make_report(run_id, 0, train_loss=t, val_loss=v))
+            for run_id, (t, v) in losses.items()
+        ]
+    )
+    assert store.runs_with_nonfinite_losses(list(losses)) == {
+        "run-nan",
+        "run-inf",
+        "run-neg",
+        "run-nan-val",
+    }
+    assert store.runs_with_nonfinite_losses(["run-fine", "run-other"]) == set()
+    assert store.runs_with_nonfinite_losses([]) == set()
+
+
+def test_runs_with_a_decision_reason_match_a_like_pattern_of_the_policy(store: Store) -> None:
+    spent = "Plateau: x, but the budget of 3 interventions is spent"
+    store.record_decisions(
+        [
+            make_record("run-a", 0, reason=spent),
+            make_record("run-b", 0, reason="val_loss 0.5 improved"),
+            make_record("run-c", 0, reason=spent, source=Source.OVERRIDE),
+        ]
+    )
+    like = "Plateau: %the budget of % interventions is spent%"
+    assert store.runs_with_decision_reason(["run-a", "run-b", "run-c"], like) == {"run-a"}
+    assert store.runs_with_decision_reason(["run-b"], like) == set()
+
+
+def test_report_series_are_thinned_evenly_keeping_the_newest(store: Store) -> None:
+    store.record_decisions(
+        [make_record("run-a", e) for e in range(10)]
+        + [make_record("run-b", 7)]
+        + [make_record("run-c", e) for e in range(3)]
+    )
+
+    def epochs(per_run: int, runs: tuple[str, ...] = ("run-a", "run-b")) -> dict[str, list[int]]:
+        series = store.report_series(list(runs), per_run)
+        return {run_id: [r.epoch for r in reports] for run_id, reports in series.items()}
+
+    assert epochs(4) == {"run-a": [0, 3, 6, 9], "run-b": [7]}
+    assert epochs(1) == {"run-a": [9], "run-b": [7]}
+    assert epochs(0)["run-a"] == list(range(10)) == epochs(20)["run-a"]
+    assert epochs(2, ("run-c", "run-none")) == {"run-c": [0, 2]}
+    [first, *_] = store.report_series(["run-a"], 4)["run-a"]
+    assert first == make_report("run-a", 0)
 
 
 def test_schema_version_and_integrity(store: Store) -> None:
