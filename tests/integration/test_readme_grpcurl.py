@@ -283,6 +283,18 @@ def test_every_readme_grpcurl_command_works(server: ServerThread) -> None:
     assert effects["decisions"] == 1
     assert [(g["key"], g["count"]) for g in effects["by_kind"]] == [("override", 1)]
 
+    # The candidate replayed over the one run recorded then; the audit of the promotion.
+    replay = single("ControlAdmin/ReplayPolicy")
+    assert (replay["version"], replay["name"], replay["runs"]) == (eager_v, "eager", 1)
+    assert replay["decisions"] == "3"  # int64: text
+    [promotion] = single("ControlAdmin/ListAuditEvents")["events"]
+    assert (promotion["actor"], promotion["target"], promotion["result"]) == (
+        "anonymous",
+        "cautious-vs-none",
+        "OK",
+    )
+    assert promotion["details"]["request"]["arm"] == "cautious"
+
 
 def test_the_authenticated_lines_run_against_an_auth_server(
     make_server: Callable[..., ServerThread], tmp_path: Path
