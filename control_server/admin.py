@@ -378,7 +378,7 @@ class AdminService:
             RunEpoch(r, d) for r, d in self.store.superseded(run_id, from_epoch, last)
         )
         return RunDetail(
-            self.runs.with_status([summary])[0],
+            self.fleet.enrich(self.runs.with_status([summary]))[0],
             epochs,
             tuple(overrides),
             attempts=tuple(self.runs.attempts(run_id)),

@@ -32,6 +32,7 @@ from control_server.domain import (
     RunDetail,
     RunEpoch,
     RunFilter,
+    RunFlag,
     RunLabels,
     RunSelector,
     RunStatus,
@@ -74,6 +75,7 @@ _SOURCES_BACK = {number: s for s, number in _SOURCES.items()}
 _STATUSES = {s: pb.RunStatus.Value(s.value) for s in RunStatus}
 _STATUSES_BACK = {number: s for s, number in _STATUSES.items()}
 _STATUS_NAMES = set(pb.RunStatus.values())
+_FLAGS = {f: pb.RunFlag.Value(f.value) for f in RunFlag}
 _INTEGER_FIELDS = tuple(tuple(path.split(".")) for path in sorted(integer_fields()))
 
 
@@ -215,7 +217,7 @@ def run_summary_to_proto(run: RunSummary) -> pb.RunSummary:
         error=run.error,
         experiment=run.experiment,
         arm=run.arm,
-        flags=[pb.RunFlag.Value(f.value) for f in run.flags],
+        flags=[_FLAGS[f] for f in run.flags],
         monitored=run.monitored,
         monitored_mode=run.monitored_mode,
         trend=run.trend,

@@ -104,6 +104,9 @@ def test_each_flag_says_why_a_run_needs_a_look(server: ServerThread, stubs: Stub
         "run-held": ["FLAG_OVERRIDE"],
         "run-stale": ["FLAG_STALE"],
     }
+    rolled_run = stubs.admin.GetRun(pb.GetRunRequest(run_id="run-rolled")).run
+    assert list(rolled_run.flags) == [pb.FLAG_ROLLED_BACK]  # GetRun's summary too
+    assert rolled_run.monitored == "val_loss" and not rolled_run.trend
     stale = stubs.admin.ListRuns(pb.ListRunsRequest(status=pb.STALE)).runs
     assert [(r.run_id, list(r.flags)) for r in stale] == [("run-stale", [pb.FLAG_STALE])]
 
@@ -175,11 +178,14 @@ def test_the_trend_is_the_monitored_value_per_epoch_thinned_to_the_points_asked(
 def test_list_runs_sends_the_trend_asked_for_and_refuses_too_many_points(stubs: Stubs) -> None:
     for epoch in range(10):
         report(stubs, "run-a", epoch, val_loss=1.0 - epoch / 10)
-    make = pb.ListRunsRequest
-    [run] = stubs.admin.ListRuns(make(trend_points=5)).runs  # type: ignore[call-arg]
-    assert list(run.trend) == pytest.approx([1.0, 0.8, 0.5, 0.3, 0.1])
+
+    def make(points: int) -> pb.ListRunsRequest:
+        return pb.ListRunsRequest(**{"trend_points": points})
+
+    [run] = stubs.admin.ListRuns(make(5)).runs
+    assert list(run.trend) == pytest.approx([1.0, 0.7, 0.5, 0.3, 0.1])  # epochs 0, 3, 5, 7, 9
     for points in (501, -1):
-        err = rpc_error(lambda p=points: stubs.admin.ListRuns(make(trend_points=p)))  # type: ignore[call-arg,misc]
+        err = rpc_error(lambda p=points: stubs.admin.ListRuns(make(p)))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "trend_points" in (err.details() or "")
 
