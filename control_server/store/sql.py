@@ -113,6 +113,44 @@ _RESUMMARISE_RUN = (
     "current_lr = coalesce((SELECT current_lr FROM reports "
     "WHERE run_id = ? ORDER BY epoch DESC LIMIT 1), ?) WHERE run_id = ?"
 )
+
+
+def _keep_evenly(i: str, total: str) -> str:
+    """Of a run's `total` rows, keep the row of index `i` (from 0) when i * steps /
+    (total - 1) (integer division) steps up at it: steps + 1 rows spread evenly, the
+    oldest and the newest among them (one row asked for: the newest alone). Params:
+    the rows to keep, then steps (keep - 1) three times."""
+    per = f"nullif({total} - 1, 0)"
+    return (
+        f"{total} <= ? OR {i} = {total} - 1 OR (? > 0 AND ({i} = 0 OR "
+        f"({i} * ?) / {per} > (({i} - 1) * ?) / {per}))"
+    )
+
+
+def _series_by_epoch(marks: str) -> str:
+    """The kept reports of runs without gaps in their epochs: a row's index is its
+    epoch less the run's first, so no window has to number (and sort) the rows."""
+    return (
+        f"SELECT {qualified('p', REPORT)} FROM reports AS p JOIN (SELECT run_id, "
+        f"min(epoch) AS first, count(*) AS total FROM reports WHERE run_id IN ({marks}) "
+        "GROUP BY run_id) AS k ON k.run_id = p.run_id "
+        f"WHERE {_keep_evenly('(p.epoch - k.first)', 'k.total')} ORDER BY p.run_id, p.epoch"
+    )
+
+
+def _series_by_row_number(marks: str) -> str:
+    """The kept reports of any runs: numbered on the key alone in one window (one pass
+    in the primary key's order), then joined back, so the window carries no reports."""
+    return (
+        f"SELECT {qualified('p', REPORT)} FROM (SELECT run_id, epoch, row_number() "
+        "OVER w AS n, count(*) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND "
+        f"UNBOUNDED FOLLOWING) AS total FROM reports WHERE run_id IN ({marks}) "
+        "WINDOW w AS (PARTITION BY run_id ORDER BY epoch)) AS t "
+        "JOIN reports AS p ON p.run_id = t.run_id AND p.epoch = t.epoch "
+        f"WHERE {_keep_evenly('(t.n - 1)', 't.total')} ORDER BY p.run_id, p.epoch"
+    )
+
+
 #: An epoch above every real one (an open upper bound as a parameter).
 _NO_EPOCH_BOUND = 2**62
 _UPSERT_SINGLETON = (
@@ -722,26 +760,24 @@ class SqlStore(Store, Generic[S]):
         series: dict[str, list[Report]] = {}
         if not run_ids:
             return series
-        marks = ", ".join("?" * len(run_ids))
-        # Of a run's `total` rows, row n (from 1) is kept when (n - 1) * steps / (total - 1)
-        # (integer division) steps up at it: steps + 1 rows spread evenly, the oldest
-        # and the newest among them (one row asked for: the newest alone).
         keep = per_run if per_run > 0 else _NO_EPOCH_BOUND
         steps = keep - 1
-        with self._reading() as s:
-            # Numbered on the key alone, in one window (one pass in the primary key's
-            # order), then joined back for the rows kept: the window carries no reports.
-            rows = s.execute(
-                f"SELECT {qualified('p', REPORT)} FROM (SELECT run_id, epoch, row_number() "
-                "OVER w AS n, count(*) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND "
-                f"UNBOUNDED FOLLOWING) AS total FROM reports WHERE run_id IN ({marks}) "
-                "WINDOW w AS (PARTITION BY run_id ORDER BY epoch)) AS t "
-                "JOIN reports AS p ON p.run_id = t.run_id AND p.epoch = t.epoch "
-                "WHERE total <= ? OR n = total OR (? > 0 AND (n = 1 OR "
-                "((n - 1) * ?) / nullif(total - 1, 0) > ((n - 2) * ?) / nullif(total - 1, 0))) "
-                "ORDER BY p.run_id, p.epoch",
-                (*run_ids, keep, steps, steps, steps),
+        with self._snapshot() as s:
+            shapes = s.execute(
+                "SELECT run_id, min(epoch), max(epoch), count(*) FROM reports "
+                f"WHERE run_id IN ({', '.join('?' * len(run_ids))}) GROUP BY run_id",
+                tuple(run_ids),
             ).fetchall()
+            # A run whose epochs have no gaps (nearly every run) has the index of each
+            # row in its epoch: no window needs to number (and sort) its rows.
+            gapless = [r for r, lo, hi, total in shapes if hi - lo + 1 == total]
+            gapped = [r for r, lo, hi, total in shapes if hi - lo + 1 != total]
+            rows: list[Any] = []
+            for ids, query in ((gapless, _series_by_epoch), (gapped, _series_by_row_number)):
+                if ids:
+                    rows += s.execute(
+                        query(", ".join("?" * len(ids))), (*ids, keep, steps, steps, steps)
+                    ).fetchall()
         for row in rows:
             report = self.codec.report_from(row)
             series.setdefault(report.run_id, []).append(report)

@@ -489,6 +489,8 @@ def test_report_series_are_thinned_evenly_keeping_the_newest(store: Store) -> No
         [make_record("run-a", e) for e in range(10)]
         + [make_record("run-b", 7)]
         + [make_record("run-c", e) for e in range(3)]
+        + [make_record("run-gaps", e) for e in range(0, 20, 2)]
+        + [make_record("run-late", e) for e in range(5, 15)]
     )
 
     def epochs(per_run: int, runs: tuple[str, ...] = ("run-a", "run-b")) -> dict[str, list[int]]:
@@ -499,6 +501,11 @@ def test_report_series_are_thinned_evenly_keeping_the_newest(store: Store) -> No
     assert epochs(1) == {"run-a": [9], "run-b": [7]}
     assert epochs(0)["run-a"] == list(range(10)) == epochs(20)["run-a"]
     assert epochs(2, ("run-c", "run-none")) == {"run-c": [0, 2]}
+    # Every fourth row of each, whether epochs have gaps or start late.
+    assert epochs(4, ("run-gaps", "run-late")) == {
+        "run-gaps": [0, 6, 12, 18],
+        "run-late": [5, 8, 11, 14],
+    }
     [first, *_] = store.report_series(["run-a"], 4)["run-a"]
     assert first == make_report("run-a", 0)
 
