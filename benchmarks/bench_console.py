@@ -305,11 +305,8 @@ def grpc_call(method: Callable[..., object], request: object) -> Callable[[], fl
 
 
 def list_runs_request() -> pb.ListRunsRequest:
-    """What the fleet page asks for; trend_points where the API has it in ListRuns."""
-    request = pb.ListRunsRequest(limit=FLEET_LIMIT)
-    if "trend_points" in pb.ListRunsRequest.DESCRIPTOR.fields_by_name:
-        setattr(request, "trend_points", TREND_POINTS)  # noqa: B010
-    return request
+    """What the fleet page asks for: every run with its sparkline's trend."""
+    return pb.ListRunsRequest(limit=FLEET_LIMIT, trend_points=TREND_POINTS)
 
 
 def measure(timed: Sequence[Timed], sizes: Sizes) -> None:
@@ -414,7 +411,6 @@ def print_table(
     list_ms = by_name["gRPC ListRuns"].median_ms()
     get_ms = by_name["gRPC GetRun"].median_ms()
     health_ms = by_name["console /healthz"].median_ms()
-    trend = "trend_points" in pb.ListRunsRequest.DESCRIPTOR.fields_by_name
     print(
         f"median and p90 of {sizes.rounds} requests each after {sizes.warmup} warm-up, "
         "interleaved; one kept-alive connection; console and server on this machine:"
@@ -443,11 +439,6 @@ def print_table(
             f"  {name:<24} sent {page.sent_bytes:>9,} ({page.encoding or 'uncompressed'})  "
             f"raw {len(page.body):>9,}  gzip {packed:>8,}  "
             f"(gRPC answer {wire:,} bytes)"
-        )
-    if not trend:
-        print(
-            "note: ListRunsRequest has no trend_points field: the fleet's sparklines are "
-            "empty and ListRuns sends no trend"
         )
     print(
         f"bench-console: fleet_ms={fleet_ms:.1f} fleet_bytes={fleet.sent_bytes} "

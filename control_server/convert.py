@@ -366,7 +366,7 @@ def run_filter_from_proto(msg: pb.ListRunsRequest) -> RunFilter:
         experiment=_check_text(msg.experiment, "experiment"),
         arm=_check_text(msg.arm, "arm"),
         # Read by name: the generated ListRunsRequest may predate the field.
-        trend_points=check_trend_points(int(getattr(msg, "trend_points", 0))),
+        trend_points=check_trend_points(msg.trend_points),
     )
 
 

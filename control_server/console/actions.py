@@ -26,7 +26,7 @@ from urllib.parse import quote
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from control_server.console.app import call, render
+from control_server.console.app import call, render, wants_json
 from trainer_client.api import control_pb2 as pb
 
 routes = web.RouteTableDef()
@@ -71,12 +71,6 @@ def back_to(form: Form | Any, default: str = "/") -> str:
     if not target.startswith("/") or target.startswith("//") or "\\" in target:
         return default
     return target
-
-
-def wants_json(request: web.Request) -> bool:
-    return request.path.startswith("/api/") or "application/json" in request.headers.get(
-        "Accept", ""
-    )
 
 
 def done(request: web.Request, message: str, back: str) -> web.StreamResponse:

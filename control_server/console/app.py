@@ -98,9 +98,13 @@ class Console:
     sessions: Sessions = field(default_factory=Sessions)
     #: Set cookies Secure (the console itself serves HTTPS).
     secure_cookies: bool = False
+    #: The live feeds' WatchDecisions readers, ended when the console shuts down.
+    feeds: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 CONSOLE = web.AppKey("console", Console)
+#: The signed-in person of a request (None only on the pages open to anyone).
+SESSION = web.RequestKey("session", Session)
 
 
 def console(request: web.Request) -> Console:
@@ -109,8 +113,7 @@ def console(request: web.Request) -> Console:
 
 def session(request: web.Request) -> Session:
     """The signed-in person of a request past the session middleware."""
-    found: Session = request["session"]
-    return found
+    return request[SESSION]
 
 
 async def call(request: web.Request, method: str, message: Any) -> Any:
@@ -158,7 +161,7 @@ def format_number(value: float | None, digits: int = 4) -> str:
 
 def render(request: web.Request, template: str, status: int = 200, **context: Any) -> web.Response:
     """`template` with the signed-in person and the CSRF token every form needs."""
-    found = request.get("session")
+    found = request.get(SESSION)
     body = (
         console(request)
         .templates.get_template(template)
@@ -177,12 +180,13 @@ def rpc_failure(request: web.Request, error: grpc.aio.AioRpcError) -> web.Respon
     """The server's error as it said it: JSON for scripts and the pages' fetches, else a page."""
     status = HTTP_STATUS.get(error.code(), 502)
     text = rpc_error_text(error)
-    if _wants_json(request):
+    if wants_json(request):
         return web.json_response({"error": text, "code": error.code().name}, status=status)
-    return render(request, "error.html", status=status, error=text)
+    return render(request, "error.html", status=status, error=text, code=error.code().name)
 
 
-def _wants_json(request: web.Request) -> bool:
+def wants_json(request: web.Request) -> bool:
+    """A script or the pages' own fetches (JSON answers), not a person's browser."""
     return request.path.startswith("/api/") or "application/json" in request.headers.get(
         "Accept", ""
     )
@@ -198,8 +202,10 @@ async def sessions_middleware(request: web.Request, handler: Handler) -> web.Str
     """Find the request's person; send strangers to sign in (a server without tokens
     needs none: WhoAmI answers without one). A form must carry its session's CSRF token."""
     if request.path.startswith(_OPEN):
-        request["session"] = console(request).sessions.get(request.cookies.get(COOKIE))
-        return await handler(request)
+        known = console(request).sessions.get(request.cookies.get(COOKIE))
+        if known is not None:
+            request[SESSION] = known
+        return _compressed(request, await handler(request))
     found = console(request).sessions.get(request.cookies.get(COOKIE))
     new_cookie = None
     if found is None:
@@ -208,12 +214,12 @@ async def sessions_middleware(request: web.Request, handler: Handler) -> web.Str
         except grpc.aio.AioRpcError as error:
             return rpc_failure(request, error)
         if found is None:
-            if _wants_json(request) or request.method != "GET":
+            if wants_json(request) or request.method != "GET":
                 return web.json_response(
                     {"error": "sign in first", "code": "UNAUTHENTICATED"}, status=401
                 )
             raise web.HTTPSeeOther(f"/signin?next={quote(request.path_qs)}")
-    request["session"] = found
+    request[SESSION] = found
     if request.method == "POST":
         form = await request.post()
         sent = request.headers.get("X-CSRF-Token") or str(form.get("csrf", ""))
@@ -227,6 +233,20 @@ async def sessions_middleware(request: web.Request, handler: Handler) -> web.Str
         response = rpc_failure(request, error)
     if new_cookie is not None:
         _set_cookie(request, response, new_cookie)
+    return _compressed(request, response)
+
+
+def _compressed(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Pages and fragments gzipped for browsers that accept it (the fleet of 1,000 runs
+    is 1.7 MB of HTML, 80 KB gzipped); the event stream and assets are left as they are."""
+    if (
+        isinstance(response, web.Response)
+        and not isinstance(response, web.FileResponse)
+        and response.body is not None
+        and len(response.body) > 1024  # type: ignore[arg-type]
+        and "gzip" in request.headers.get("Accept-Encoding", "")
+    ):
+        response.enable_compression(web.ContentCoding.gzip)
     return response
 
 
@@ -271,16 +291,16 @@ async def signin(request: web.Request) -> web.StreamResponse:
         return render(request, "signin.html", status, error=rpc_error_text(error), next=target)
     session_id = console(request).sessions.new(Session(token, caller.name, caller.role))
     logger.info("console: %s (%s) signed in", caller.name, caller.role)
-    response = web.HTTPSeeOther(target)
-    _set_cookie(request, response, session_id)
-    return response
+    redirect = web.HTTPSeeOther(target)
+    _set_cookie(request, redirect, session_id)
+    raise redirect
 
 
 async def signout(request: web.Request) -> web.StreamResponse:
     console(request).sessions.drop(request.cookies.get(COOKIE))
-    response = web.HTTPSeeOther("/signin")
-    response.del_cookie(COOKIE, path="/")
-    return response
+    redirect = web.HTTPSeeOther("/signin")
+    redirect.del_cookie(COOKIE, path="/")
+    raise redirect
 
 
 def _local(target: str | None) -> str:
@@ -321,9 +341,12 @@ async def events(request: web.Request) -> web.StreamResponse:
         except grpc.aio.AioRpcError as error:
             text = json.dumps(rpc_error_text(error))
             queue.put_nowait(f"event: failure\ndata: {text}\n\n".encode())
-        queue.put_nowait(b"")
+        finally:
+            queue.put_nowait(b"")  # the stream ended (or the console shuts down)
 
     task = asyncio.create_task(pump())
+    feeds = console(request).feeds
+    feeds.add(task)
     try:
         while True:
             try:
@@ -333,9 +356,10 @@ async def events(request: web.Request) -> web.StreamResponse:
             if chunk == b"":
                 break
             await response.write(chunk)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the page was closed
     finally:
+        feeds.discard(task)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
@@ -365,9 +389,15 @@ def make_app(admin: Admin, *, secure_cookies: bool = False) -> web.Application:
     for module in (fleet, run_page, policies, experiments, audit_page, actions):
         app.router.add_routes(module.routes)
 
+    async def end_feeds(app: web.Application) -> None:
+        # An open page's event stream would otherwise hold shutdown until it next writes.
+        for task in list(app[CONSOLE].feeds):
+            task.cancel()
+
     async def close_channel(app: web.Application) -> None:
         await app[CONSOLE].admin.close()
 
+    app.on_shutdown.append(end_feeds)
     app.on_cleanup.append(close_channel)
     return app
 
@@ -395,7 +425,10 @@ async def start_console(
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls_cert, tls_key)
     app = make_app(admin, secure_cookies=context is not None)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # handler_cancellation: a page that leaves ends its event stream's handler at once.
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, handler_cancellation=True
+    )
     await runner.setup()
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]") or None, int(port), ssl_context=context)

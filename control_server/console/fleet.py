@@ -287,7 +287,7 @@ class FleetQuery:
         )
 
     def request(self) -> pb.ListRunsRequest:
-        """What ListRuns filters itself (trend_points only where the API has it)."""
+        """What ListRuns filters itself, with the sparklines' trend."""
         fields: dict[str, Any] = {
             "dataset": self.dataset,
             "configuration": self.configuration,
@@ -295,11 +295,10 @@ class FleetQuery:
             "limit": FLEET_LIMIT,
             "experiment": self.experiment,
             "arm": self.arm,
+            "trend_points": TREND_POINTS,
         }
         if self.status:
             fields["status"] = STATUS_BY_WORD[self.status]
-        if "trend_points" in pb.ListRunsRequest.DESCRIPTOR.fields_by_name:
-            fields["trend_points"] = TREND_POINTS
         return pb.ListRunsRequest(**fields)
 
     def keep(self, row: FleetRow) -> bool:

@@ -153,10 +153,16 @@ class Trainer:
             decisions.append(self.step(run))
         return decisions
 
-    def finish(self, run: SimulatedRun, status: int = pb.COMPLETED, dice: float = 0.8) -> None:
+    def finish(
+        self, run: SimulatedRun, status: int = pb.COMPLETED, dice: float = 0.8, error: str = ""
+    ) -> None:
+        """FinishRun; a FAILED run must say what went wrong (`error`)."""
         self.control.FinishRun(
             pb.FinishRunRequest(
-                run_id=run.state.run_id, status=status, metrics=pb.FinalMetrics(mean_dice=dice)
+                run_id=run.state.run_id,
+                status=status,
+                error=error,
+                metrics=pb.FinalMetrics(mean_dice=dice),
             ),
             timeout=10,
             metadata=self.metadata,

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
-from control_server.console import app as console_app
 from control_server.console.fleet import short_id, sparkline, split_run_id
 from tests.browser.conftest import ConsoleThread, Trainer, screenshot
 from tests.conftest import ServerThread
@@ -20,16 +19,6 @@ from trainer_client.api import control_pb2 as pb
 from trainer_client.sim import SimulatedRun
 
 TRAINER = "nnUNetTrainerControlled"
-#: ListRunsRequest.trend_points is declared in StartRunResponse by mistake in the proto
-#: as it stands; the fleet asks for trends as soon as ListRunsRequest has the field.
-TREND_IN_API = "trend_points" in pb.ListRunsRequest.DESCRIPTOR.fields_by_name
-
-
-@pytest.fixture(autouse=True)
-def quick_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The live feed notices a closed page only when it next writes: a heartbeat every
-    0.5 s (not 15) lets the console stop at once after each test."""
-    monkeypatch.setattr(console_app, "HEARTBEAT_S", 0.5)
 
 
 def nnunet_id(dataset: str, configuration: str, fold: int) -> str:
@@ -132,10 +121,9 @@ def test_fleet_shows_each_run_status_and_flags_and_takes_decisions_live(
     link = row(page, done.state.run_id).locator("th a")
     expect(link).to_have_attribute("title", done.state.run_id)
     expect(row(page, done.state.run_id).locator("td").nth(1)).to_have_text("Dataset042_Disc")
-    if TREND_IN_API:
-        expect(row(page, done.state.run_id).locator(".spark svg")).to_have_attribute(
-            "aria-label", re.compile(r"^val_loss from 0\.\d+ to 0\.\d+")
-        )
+    expect(row(page, done.state.run_id).locator(".spark svg")).to_have_attribute(
+        "aria-label", re.compile(r"^val_loss from 0\.\d+ to 0\.\d+")
+    )
     screenshot(page, "fleet")
 
     # A decision arrives: the row changes in place, no navigation.

@@ -9,21 +9,13 @@ import re
 from collections.abc import Callable
 from urllib.parse import quote
 
-import pytest
 from playwright.sync_api import Page, expect
 
-from control_server.console import app as console_app
 from control_server.console.run_page import json_script
 from tests.browser.conftest import ConsoleThread, Trainer, screenshot
 from tests.browser.test_fleet import nnunet_id, script_errors, sim
 from tests.conftest import ServerThread
 from trainer_client.api import control_pb2 as pb
-
-
-@pytest.fixture(autouse=True)
-def quick_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As in test_fleet: the console stops at once after each test."""
-    monkeypatch.setattr(console_app, "HEARTBEAT_S", 0.5)
 
 
 def test_run_page_charts_marks_and_explains_each_decision_live(

@@ -35,7 +35,6 @@ THRIFTY = (
 EAGER = "name: eager\nplateau: {patience: 1, cooldown: 0, warmup_epochs: 2}\n"
 EAGER_VERSION = parse_policy_yaml(EAGER).version
 FLAG_NAMES = {number: name for name, number in pb.RunFlag.items()}
-TREND_ON_THE_WIRE = "trend_points" in pb.ListRunsRequest.DESCRIPTOR.fields_by_name
 
 
 def flags_by_run(stubs: Stubs) -> dict[str, list[str]]:
@@ -170,17 +169,12 @@ def test_the_trend_is_the_monitored_value_per_epoch_thinned_to_the_points_asked(
     assert [r.trend for r in admin.list_runs(RunFilter(trend_points=0))] == [()] * 3
 
 
-@pytest.mark.skipif(
-    not TREND_ON_THE_WIRE,
-    reason="the generated ListRunsRequest has no trend_points (control.proto put field 8 "
-    "in StartRunResponse)",
-)
 def test_list_runs_sends_the_trend_asked_for_and_refuses_too_many_points(stubs: Stubs) -> None:
     for epoch in range(10):
         report(stubs, "run-a", epoch, val_loss=1.0 - epoch / 10)
 
     def make(points: int) -> pb.ListRunsRequest:
-        return pb.ListRunsRequest(**{"trend_points": points})
+        return pb.ListRunsRequest(trend_points=points)
 
     [run] = stubs.admin.ListRuns(make(5)).runs
     assert list(run.trend) == pytest.approx([1.0, 0.7, 0.5, 0.3, 0.1])  # epochs 0, 3, 5, 7, 9

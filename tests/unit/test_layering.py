@@ -27,6 +27,8 @@ CORE = (
     "control_server/admin.py",
     "control_server/report_epoch.py",
     "control_server/effects.py",
+    "control_server/fleet.py",
+    "control_server/what_if.py",
     "control_server/experiments.py",
     "control_server/experiment_stats.py",
     "control_server/runs.py",

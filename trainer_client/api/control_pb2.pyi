@@ -211,7 +211,7 @@ class StartRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., initial_lr: _Optional[float] = ..., loss_weights: _Optional[_Mapping[str, float]] = ..., trainer_name: _Optional[str] = ..., trainer_version: _Optional[str] = ..., resume_from_epoch: _Optional[int] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
-    __slots__ = ("attempt", "policy_version", "history_reset", "superseded_epochs", "message", "experiment", "arm", "trend_points")
+    __slots__ = ("attempt", "policy_version", "history_reset", "superseded_epochs", "message", "experiment", "arm")
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_RESET_FIELD_NUMBER: _ClassVar[int]
@@ -219,7 +219,6 @@ class StartRunResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
-    TREND_POINTS_FIELD_NUMBER: _ClassVar[int]
     attempt: int
     policy_version: str
     history_reset: bool
@@ -227,8 +226,7 @@ class StartRunResponse(_message.Message):
     message: str
     experiment: str
     arm: str
-    trend_points: int
-    def __init__(self, attempt: _Optional[int] = ..., policy_version: _Optional[str] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., message: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., trend_points: _Optional[int] = ...) -> None: ...
+    def __init__(self, attempt: _Optional[int] = ..., policy_version: _Optional[str] = ..., history_reset: _Optional[bool] = ..., superseded_epochs: _Optional[int] = ..., message: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class FinishRunRequest(_message.Message):
     __slots__ = ("run_id", "attempt", "status", "error", "metrics")
@@ -338,7 +336,7 @@ class RunSummary(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., labels: _Optional[_Union[RunLabels, _Mapping]] = ..., last_epoch: _Optional[int] = ..., report_count: _Optional[int] = ..., intervention_count: _Optional[int] = ..., current_lr: _Optional[float] = ..., last_decision: _Optional[_Union[Decision, _Mapping]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[RunStatus, str]] = ..., attempt: _Optional[int] = ..., rollback_count: _Optional[int] = ..., best_value: _Optional[float] = ..., final_metrics: _Optional[_Union[FinalMetrics, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., flags: _Optional[_Iterable[_Union[RunFlag, str]]] = ..., monitored: _Optional[str] = ..., monitored_mode: _Optional[str] = ..., trend: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
-    __slots__ = ("dataset", "configuration", "fold", "limit", "status", "experiment", "arm")
+    __slots__ = ("dataset", "configuration", "fold", "limit", "status", "experiment", "arm", "trend_points")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     CONFIGURATION_FIELD_NUMBER: _ClassVar[int]
     FOLD_FIELD_NUMBER: _ClassVar[int]
@@ -346,6 +344,7 @@ class ListRunsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    TREND_POINTS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     configuration: str
     fold: str
@@ -353,7 +352,8 @@ class ListRunsRequest(_message.Message):
     status: RunStatus
     experiment: str
     arm: str
-    def __init__(self, dataset: _Optional[str] = ..., configuration: _Optional[str] = ..., fold: _Optional[str] = ..., limit: _Optional[int] = ..., status: _Optional[_Union[RunStatus, str]] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ...) -> None: ...
+    trend_points: int
+    def __init__(self, dataset: _Optional[str] = ..., configuration: _Optional[str] = ..., fold: _Optional[str] = ..., limit: _Optional[int] = ..., status: _Optional[_Union[RunStatus, str]] = ..., experiment: _Optional[str] = ..., arm: _Optional[str] = ..., trend_points: _Optional[int] = ...) -> None: ...
 
 class ListRunsResponse(_message.Message):
     __slots__ = ("runs",)
