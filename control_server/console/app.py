@@ -169,7 +169,10 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
             session=found,
             csrf=found.csrf if found else "",
             path=request.path_qs,
-            nav=request.path.split("/")[1] or "fleet",
+            # A run's page belongs to the fleet it was opened from.
+            nav={"": "fleet", "runs": "fleet"}.get(
+                request.path.split("/")[1], request.path.split("/")[1]
+            ),
             **context,
         )
     )
@@ -426,9 +429,7 @@ async def start_console(
         context.load_cert_chain(tls_cert, tls_key)
     app = make_app(admin, secure_cookies=context is not None)
     # handler_cancellation: a page that leaves ends its event stream's handler at once.
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, handler_cancellation=True
-    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]") or None, int(port), ssl_context=context)

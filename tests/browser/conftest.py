@@ -52,8 +52,11 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Chromium for one test module. Not for the session: Playwright's sync API keeps an
+    event loop running in this thread while it is open, and later tests that call
+    asyncio.run() would fail."""
     path = chromium_path()
     if path is None:
         message = "Chromium is not installed (apt-get install -y chromium; .ci/run does it)"
