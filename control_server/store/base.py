@@ -333,7 +333,8 @@ class Store(ABC):
     def report_series(self, run_ids: Sequence[str], per_run: int) -> dict[str, list[Report]]:
         """Each run's reports of its current history in epoch order, evenly thinned to at
         most `per_run` of them, its newest always kept (<= 0: all); runs without any
-        are left out."""
+        are left out. For trends: each report holds its epoch, losses, pseudo Dice, LR and
+        intervention count; its loss weights, gradient norm and labels are left empty."""
 
     # --- experiments --------------------------------------------------------------------
 

@@ -222,6 +222,9 @@ class Codec:
     decision_from: Callable[[Row], Decision]
     report_row: Callable[[Report], tuple[Any, ...]]
     report_from: Callable[[Row], Report]
+    #: REPORT columns -> a report of a trend: its losses and pseudo Dice only (the loss
+    #: weights' JSON is not decoded: a fleet's trends read tens of thousands of rows).
+    trend_report_from: Callable[[Row], Report]
     #: (a run's report, the time it was seen as `time` made it) -> the RUN columns.
     run_row: Callable[[Report, Any], tuple[Any, ...]]
     #: RUN columns, then the DECISION columns of its latest decision (NULLs: none).
@@ -326,6 +329,18 @@ def codec(
             initial_lr=number(row[8]),
             loss_weights=load_weights(row[9]),
             labels=RunLabels(*row[10:16]),
+        )
+
+    def trend_report_from(row: Row) -> Report:
+        return Report(
+            run_id=row[0],
+            epoch=row[1],
+            train_loss=number(row[2]),
+            val_loss=opt_number(row[3]),
+            pseudo_dice=opt_number(row[4]),
+            intervention_count=row[6],
+            current_lr=number(row[7]),
+            initial_lr=number(row[8]),
         )
 
     def run_row(report: Report, seen: Any) -> tuple[Any, ...]:
@@ -564,6 +579,7 @@ def codec(
         decision_from=decision_from,
         report_row=report_row,
         report_from=report_from,
+        trend_report_from=trend_report_from,
         run_row=run_row,
         summary_from=summary_from,
         attempt_row=attempt_row,

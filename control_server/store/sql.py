@@ -779,7 +779,7 @@ class SqlStore(Store, Generic[S]):
                         query(", ".join("?" * len(ids))), (*ids, keep, steps, steps, steps)
                     ).fetchall()
         for row in rows:
-            report = self.codec.report_from(row)
+            report = self.codec.trend_report_from(row)
             series.setdefault(report.run_id, []).append(report)
         return series
 

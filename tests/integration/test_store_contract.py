@@ -506,8 +506,11 @@ def test_report_series_are_thinned_evenly_keeping_the_newest(store: Store) -> No
         "run-gaps": [0, 6, 12, 18],
         "run-late": [5, 8, 11, 14],
     }
+    # What a trend needs, as reported; the weights' JSON is not decoded for it.
     [first, *_] = store.report_series(["run-a"], 4)["run-a"]
-    assert first == make_report("run-a", 0)
+    reported = make_report("run-a", 0)
+    for name in ("epoch", "train_loss", "val_loss", "pseudo_dice", "current_lr"):
+        assert getattr(first, name) == getattr(reported, name), name
 
 
 def test_schema_version_and_integrity(store: Store) -> None:
