@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from aiohttp import web
-from google.protobuf.json_format import MessageToDict
 
 from control_server.console.actions import selector_from, selector_text
 from control_server.console.app import call, render
 from control_server.console.client import rpc_error_text
+from control_server.ctl.render import policy_data
+from control_server.ctl.render import policy_yaml as yaml_text
 from trainer_client.api import control_pb2 as pb
 
 routes = web.RouteTableDef()
@@ -26,49 +25,9 @@ routes = web.RouteTableDef()
 RUNS_LOOKED_AT = 1000
 
 
-#: The packaged default document: its key order is the order a policy file is read
-#: in (name, description, plateau, interventions, guard), which a Struct forgets.
-_TEMPLATE = yaml.safe_load(
-    (Path(__file__).parent.parent / "builtin_policies" / "default.yaml").read_text()
-)
-
-
 def policy_yaml(policy: pb.Policy) -> str:
-    """The stored document as YAML, keys in the policy file's order (unknown keys
-    after, as stored). A Struct keeps every number as a double; whole numbers are
-    written back as integers (3, not 3.0)."""
-    document = _readable(MessageToDict(policy.document), _TEMPLATE)
-    text: str = yaml.dump(document, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    return text
-
-
-class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no types
-    """safe_dump, with lists of plain values on one line as the policy file writes
-    them (``lr_scales: [15, 10, 5, 3]``)."""
-
-
-def _list(dumper: yaml.SafeDumper, items: list[Any]) -> yaml.Node:
-    flow = all(not isinstance(item, dict | list) for item in items)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=flow)
-
-
-_Dumper.add_representer(list, _list)
-
-
-def _readable(value: Any, template: Any) -> Any:
-    if isinstance(value, dict):
-        known = list(template) if isinstance(template, dict) else []
-        keys = [k for k in known if k in value] + [k for k in value if k not in known]
-        return {
-            k: _readable(value[k], template.get(k) if isinstance(template, dict) else None)
-            for k in keys
-        }
-    if isinstance(value, list):
-        item = template[0] if isinstance(template, list) and template else None
-        return [_readable(v, item) for v in value]
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    return value
+    """The stored document as YAML, as `controlctl policy show` and `policy diff` write it."""
+    return yaml_text(policy_data(policy))
 
 
 async def _steered(request: web.Request) -> Counter[str]:

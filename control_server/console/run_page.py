@@ -22,7 +22,7 @@ from aiohttp import web
 
 from control_server.console.app import call, render
 from control_server.console.fleet import STATUS, fleet_row, run_flags, run_labels, short_id
-from control_server.ctl.render import effect_text, weights_text
+from control_server.ctl.render import effect_text, shadow_differs, weights_text
 from trainer_client.api import control_pb2 as pb
 
 routes = web.RouteTableDef()
@@ -115,15 +115,6 @@ def decision_what(decision: pb.Decision) -> str:
     return ", ".join(parts)
 
 
-def _differs(real: pb.Decision, shadow: pb.Decision) -> bool:
-    return (
-        real.action != shadow.action
-        or real.HasField("lr") != shadow.HasField("lr")
-        or real.lr != shadow.lr
-        or dict(real.loss_weights) != dict(shadow.loss_weights)
-    )
-
-
 def chart_data(run: pb.GetRunResponse) -> dict[str, Any]:
     """The chart's columns (uPlot's form: one array per series over the epochs), each
     epoch's decision for the hover area, and the markers."""
@@ -199,7 +190,7 @@ def decision_rows(run: pb.GetRunResponse, every_epoch: bool) -> list[DecisionRow
     for item in run.epochs:
         decision = item.decision
         shadow = item.shadow if item.HasField("shadow") else None
-        differs = shadow is not None and _differs(decision, shadow)
+        differs = shadow is not None and shadow_differs(decision, shadow)
         steered = decision.action not in (pb.NONE, pb.ACTION_UNSPECIFIED)
         if not (every_epoch or steered or differs):
             continue

@@ -168,7 +168,8 @@ def status_name(status: int) -> str:
     return name.lower() if status else "-"
 
 
-def _differs(real: pb.Decision, shadow: pb.Decision) -> bool:
+def shadow_differs(real: pb.Decision, shadow: pb.Decision) -> bool:
+    """The shadow would have decided another action, LR or weights."""
     return (
         real.action != shadow.action
         or real.HasField("lr") != shadow.HasField("lr")
@@ -256,7 +257,7 @@ def run_text(response: pb.GetRunResponse) -> str:
         rows = [
             [
                 str(e.report.epoch),
-                "*" if _differs(e.decision, e.shadow) else "",
+                "*" if shadow_differs(e.decision, e.shadow) else "",
                 _action(e.decision),
                 _action(e.shadow),
                 _opt(e.shadow, "lr"),
